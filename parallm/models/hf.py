@@ -1,0 +1,216 @@
+"""Hugging Face model directories: `config.json`, single or sharded `*.safetensors`, tokenizer.
+
+`load_pretrained` builds the model on the `meta` device and fills it straight from the files with
+`load_state_dict(..., assign=True)`, so a model is never materialised twice. `save_pretrained`
+writes a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from parallm.errors import UserError
+from parallm.models.llama import hf_adapter
+from parallm.models.llama.model import ModelArgs, Transformer
+from parallm.utils.fs import atomic_dir, read_json
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _model_dir(path: str | os.PathLike) -> Path:
+    d = Path(path)
+    if not d.is_dir():
+        raise UserError(f"model directory {str(d)!r} does not exist or is not a directory")
+    if not os.access(d, os.R_OK | os.X_OK):
+        raise UserError(f"model directory {str(d)!r} is not readable")
+    return d
+
+
+def read_args(path: str | os.PathLike) -> ModelArgs:
+    """`ModelArgs` from a model directory's `config.json`."""
+    cfg_path = _model_dir(path) / "config.json"
+    return hf_adapter.args_from_hf(read_json(cfg_path), str(cfg_path))
+
+
+def _weight_files(d: Path) -> dict[str, Path]:
+    """HF checkpoint key -> the safetensors file holding it."""
+    if (d / SAFE_INDEX).exists():
+        weight_map = read_json(d / SAFE_INDEX).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{d / SAFE_INDEX}: missing 'weight_map' object")
+        files = {k: d / v for k, v in weight_map.items()}
+        for f in set(files.values()):
+            if not f.exists():
+                raise UserError(f"{d / SAFE_INDEX} lists {f.name}, which is not in {d}")
+        return files
+    if (d / SAFE_SINGLE).exists():
+        with _open(d / SAFE_SINGLE, "cpu") as f:
+            return {k: d / SAFE_SINGLE for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+    found = sorted(p.name for p in d.glob("*.safetensors"))
+    hint = f" (found {', '.join(found)} without {SAFE_INDEX})" if found else ""
+    raise UserError(f"{d}: no {SAFE_SINGLE} or {SAFE_INDEX}{hint}")
+
+
+class _open:
+    """`safe_open` whose failures (truncated, corrupt, unreadable) become one-line UserErrors."""
+
+    def __init__(self, path: Path, device: str) -> None:
+        self.path, self.device = path, device
+
+    def __enter__(self):
+        try:
+            self.handle = safe_open(str(self.path), framework="pt", device=self.device)
+            return self.handle.__enter__()
+        except Exception as e:  # safetensors raises its own SafetensorError or OSError
+            raise UserError(
+                f"{self.path}: not a readable safetensors file ({e}); it may be truncated or corrupt"
+            ) from None
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.__exit__(*exc)
+
+
+def _expected_shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
+    """HF key -> shape for every parameter the checkpoint must provide."""
+    shapes = {hf_adapter.hf_key(n): tuple(p.shape) for n, p in model.named_parameters()}
+    if model.args.tie_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def _read_state_dict(
+    d: Path, expected: dict[str, tuple[int, ...]], dtype: torch.dtype, device: str
+) -> dict[str, torch.Tensor]:
+    files = _weight_files(d)
+    missing = sorted(set(expected) - set(files))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise UserError(
+            f"{d}: weights missing for {', '.join(missing[:3])}{more}; "
+            "the checkpoint does not match config.json"
+        )
+    by_file: dict[Path, list[str]] = {}
+    for key, f in files.items():
+        if hf_adapter.parallm_key(key) is not None:
+            by_file.setdefault(f, []).append(key)
+    state: dict[str, torch.Tensor] = {}
+    for f, keys in by_file.items():
+        with _open(f, device) as handle:
+            for key in keys:
+                if key not in expected:
+                    if key == "lm_head.weight":  # a tied checkpoint that also stored the head
+                        continue
+                    raise UserError(f"{f.name}: unexpected tensor {key!r} for this config.json")
+                shape = tuple(handle.get_slice(key).get_shape())
+                if shape != expected[key]:
+                    raise UserError(
+                        f"{f.name}: {key} has shape {list(shape)} but config.json implies "
+                        f"{list(expected[key])}; the config and the weights disagree"
+                    )
+                try:
+                    tensor = handle.get_tensor(key)
+                except Exception as e:
+                    raise UserError(
+                        f"{f}: cannot read {key} ({e}); the file may be truncated"
+                    ) from None
+                state[hf_adapter.parallm_key(key)] = tensor.to(dtype)
+    return state
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+) -> Transformer:
+    """Load a HF Llama / Mistral / Qwen2 / Qwen3 directory without `transformers`.
+
+    dtype defaults to the checkpoint's `torch_dtype` (float32 when absent); device to CPU.
+    `model(input_ids)` returns logits (B, T, vocab).
+    """
+    d = _model_dir(path)
+    cfg = read_json(d / "config.json")
+    args = hf_adapter.args_from_hf(cfg, str(d / "config.json"))
+    dtype = resolve_dtype(dtype if dtype is not None else cfg.get("torch_dtype", cfg.get("dtype")))
+    device = str(device) if device is not None else "cpu"
+    with torch.device("meta"):
+        model = Transformer(args)
+    state = _read_state_dict(d, _expected_shapes(model), dtype, device)
+    model.load_state_dict(state, strict=False, assign=True)
+    if args.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.init_buffers(device)
+    return model.eval()
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype.removeprefix("torch.")
+    if name not in DTYPES:
+        raise UserError(f"dtype {dtype!r} is not supported; valid: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def save_pretrained(
+    model: Transformer,
+    path: str | os.PathLike,
+    tokenizer: Any | None = None,
+    *,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write `model` (and `tokenizer`, if given) as a HF directory, atomically; returns the path.
+
+    Shards above `max_shard_bytes` go to `model-0000i-of-0000n.safetensors` with an index.
+    """
+    args = model.args
+    state = {
+        hf_adapter.hf_key(n): p.detach().to("cpu").contiguous()
+        for n, p in model.state_dict().items()
+        if not (args.tie_embeddings and n == "lm_head.weight")
+    }
+    dtype = next(iter(state.values())).dtype
+    dtype_name = str(dtype).removeprefix("torch.")
+    shards = _split_shards(state, max_shard_bytes)
+    with atomic_dir(path) as tmp:
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SAFE_SINGLE), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, start=1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
+        config = hf_adapter.args_to_hf(args, dtype_name)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return Path(path)
+
+
+def _split_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    return shards

@@ -1,0 +1,3 @@
+from parallm.models.llama.model import AttentionBackend, KVCache, ModelArgs, Transformer
+
+__all__ = ["AttentionBackend", "KVCache", "ModelArgs", "Transformer"]

@@ -1,0 +1,349 @@
+"""The Llama-family decoder: Llama 2/3/3.1/3.2, Mistral, Qwen2, Qwen3.
+
+A plain `nn.Module` with no distributed code. Parallelism is applied afterwards by functions that
+shard or cut it; attention goes through an `AttentionBackend` so training (SDPA), the KV-cache
+generation path, the serving engine and context-parallel attention all share this file.
+
+Parameter names mirror the Hugging Face layout (`layers.0.self_attn.q_proj.weight`), so the state
+dict adapter only adds or removes the `model.` prefix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(kw_only=True)
+class ModelArgs:
+    """Shape and numerics of one decoder; `hf_adapter` maps it to and from `config.json`."""
+
+    architecture: str = "llama"  # llama | mistral | qwen2 | qwen3
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF rope_scaling / rope_parameters minus rope_theta
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    # Per layer: None for full attention, else the window size (Mistral, Qwen sliding layers).
+    sliding_windows: list[int | None] = field(default_factory=list)
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        if not self.sliding_windows:
+            self.sliding_windows = [None] * self.n_layers
+        assert len(self.sliding_windows) == self.n_layers, "one sliding window entry per layer"
+        assert self.n_heads % self.n_kv_heads == 0, "query heads must be a multiple of kv heads"
+
+    def num_params(self, *, embeddings: bool = True) -> int:
+        """Parameter count without building the model (tied embeddings counted once)."""
+        attn = self.dim * self.head_dim * (self.n_heads + 2 * self.n_kv_heads)
+        attn += self.n_heads * self.head_dim * self.dim
+        attn += self.head_dim * (self.n_heads + 2 * self.n_kv_heads) if self.qkv_bias else 0
+        attn += self.dim if self.o_bias else 0
+        attn += 2 * self.head_dim if self.qk_norm else 0
+        mlp = 3 * self.dim * self.ffn_dim + ((2 * self.ffn_dim + self.dim) if self.mlp_bias else 0)
+        total = self.n_layers * (attn + mlp + 2 * self.dim) + self.dim
+        if embeddings:
+            total += self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+        return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention backends
+
+
+class AttentionBackend(Protocol):
+    """Computes attention for one layer from rotated q, k and v.
+
+    q: (B, T, Hq, D); k, v: (B, T, Hkv, D); positions: (B, T) absolute positions of the T tokens.
+    Returns (B, T, Hq, D). A backend may keep state (a KV cache) keyed by `layer_idx`.
+    """
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        layer_idx: int,
+        positions: torch.Tensor,
+        sliding_window: int | None,
+    ) -> torch.Tensor: ...
+
+
+def attention_mask(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None
+) -> torch.Tensor:
+    """Boolean mask (B, 1, Tq, Tk), True where a query may attend a key: causal, windowed.
+
+    Mistral's window of W lets a query at position p see keys p-W < j <= p, as in `transformers`.
+    """
+    diff = q_pos[:, :, None] - k_pos[:, None, :]  # (B, Tq, Tk)
+    mask = diff >= 0
+    if sliding_window is not None:
+        mask &= diff < sliding_window
+    return mask[:, None]
+
+
+def sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """SDPA on (B, T, H, D) layouts with grouped-query heads; `mask=None` means causal."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
+class CausalAttention:
+    """Training / full-sequence backend: causal SDPA over the tokens given, no cache.
+
+    Positions are assumed to be 0..T-1 per row (packed pre-training sequences), so full-attention
+    layers use the fused causal kernel and only sliding-window layers build an explicit mask.
+    """
+
+    def __call__(self, q, k, v, *, layer_idx, positions, sliding_window):
+        if sliding_window is None or sliding_window >= q.shape[1]:
+            return sdpa(q, k, v, None)
+        return sdpa(q, k, v, attention_mask(positions, positions, sliding_window))
+
+
+class KVCache:
+    """Contiguous per-layer KV cache for the simple generation path (one sequence per row).
+
+    All rows advance together: a call with T new tokens writes cache slots [len, len + T).
+    """
+
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, *, dtype, device) -> None:
+        shape = (batch, max_len, args.n_kv_heads, args.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.max_len = max_len
+        self.length = 0  # tokens cached so far (the same for every layer after a full forward)
+
+    def __call__(self, q, k, v, *, layer_idx, positions, sliding_window):
+        start, end = positions[0, 0].item(), positions[0, -1].item() + 1
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; position {end - 1} is past it")
+        self.k[layer_idx][:, start:end] = k
+        self.v[layer_idx][:, start:end] = v
+        self.length = end
+        k_all, v_all = self.k[layer_idx][:, :end], self.v[layer_idx][:, :end]
+        k_pos = torch.arange(end, device=q.device).expand(q.shape[0], end)
+        if start == 0 and sliding_window is None:
+            return sdpa(q, k_all, v_all, None)
+        return sdpa(q, k_all, v_all, attention_mask(positions, k_pos, sliding_window))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary embeddings
+
+
+def rope_inv_freq(args: ModelArgs, device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse frequencies (D/2,), with Llama 3 / linear scaling applied as `transformers` does."""
+    d = args.head_dim
+    inv_freq = 1.0 / (
+        args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d)
+    )
+    scaling = args.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    else:
+        assert kind == "default", f"rope type {kind!r} reached the model unchecked"
+    return inv_freq
+
+
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (B, T, D) for the rotate-half convention, computed in float32."""
+    freqs = positions[..., None].float() * inv_freq.float()  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, H, D); cos, sin: (B, T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and cast back before the weight, as the HF reference does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.sliding_window = args.sliding_windows[layer_idx]
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+
+    def forward(self, x, cos, sin, positions, backend: AttentionBackend) -> torch.Tensor:
+        b, t, _ = x.shape
+        # Head counts come from the projections so a tensor-parallel shard sees its local heads.
+        q = self.q_proj(x).view(b, t, -1, self.head_dim)  # (B, T, Hq, D)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim)  # (B, T, Hkv, D)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = backend(
+            q,
+            k,
+            v,
+            layer_idx=self.layer_idx,
+            positions=positions,
+            sliding_window=self.sliding_window,
+        )
+        return self.o_proj(out.reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.ffn_dim, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(args.dim, args.ffn_dim, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=args.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args, layer_idx)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = FeedForward(args)
+
+    def forward(self, x, cos, sin, positions, backend: AttentionBackend) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, backend)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer. `model(input_ids)` returns logits (B, T, vocab).
+
+    `embed_tokens`, `norm` and `lm_head` may be set to None by pipeline cutting: a stage without
+    `embed_tokens` takes hidden states (B, T, dim) as input, one without `lm_head` returns them.
+    """
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerBlock(args, i) for i in range(args.n_layers)}
+        )
+        self.norm: RMSNorm | None = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head: nn.Linear | None = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # Not persistent: recomputed from args, never part of a checkpoint.
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.default_backend: AttentionBackend = CausalAttention()
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """Recompute non-persistent buffers, e.g. after building on `meta` and `to_empty`."""
+        device = device if device is not None else self.inv_freq.device
+        self.inv_freq = rope_inv_freq(self.args, device=device)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Random initialisation for training from scratch: N(0, initializer_range), like HF."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.inv_freq.device).manual_seed(seed)
+        std = self.args.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                module.weight.normal_(0.0, std, generator=gen)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        *,
+        backend: AttentionBackend | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) token ids, or hidden states (B, T, dim) on a stage without embeddings.
+
+        positions (B, T) default to 0..T-1. Returns logits (B, T, vocab), or hidden states on a
+        stage without `lm_head`.
+        """
+        h = self.embed_tokens(input_ids) if self.embed_tokens is not None else input_ids
+        b, t = h.shape[:2]
+        if positions is None:
+            positions = torch.arange(t, device=h.device).expand(b, t)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)
+        backend = backend if backend is not None else self.default_backend
+        for layer in self.layers.values():
+            h = layer(h, cos, sin, positions, backend)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.lm_head(h) if self.lm_head is not None else h

@@ -1,0 +1,77 @@
+"""Atomic writes: nothing half-written is ever left where a finished file or directory belongs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from parallm.errors import UserError
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `path`, on error it is removed.
+
+    A reader sees either the old complete directory or the new complete one, never a partial one.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
+    """Write JSON to a temporary name in the same directory, then rename it into place."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_lines_atomic(path: str | os.PathLike, lines: list[str]) -> None:
+    """Replace a text file with `lines` through a temporary name."""
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to a temporary name in the same directory, then rename it into place."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """The text of `path`; a missing or unreadable file is a UserError naming it."""
+    path = Path(path)
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{what} {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{what} {str(path)!r} cannot be read ({e})") from None
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from `path`; a UserError names the file if it is missing or malformed."""
+    try:
+        obj = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
