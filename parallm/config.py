@@ -1,0 +1,342 @@
+"""Typed job configuration: dataclass sections, TOML job files, `--section.key value` overrides.
+
+A job is a `JobConfig` whose fields are sections (`[data]`, `[model]`, `[train]`, ...), each a
+keyword-only dataclass that validates itself in `__post_init__`. Values from a TOML file and from
+the command line are coerced to the declared field types; an unknown section or key, a value of
+the wrong type or an invalid value is a `UserError` naming the field, the value and what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import tomli_w
+
+from parallm.errors import UserError
+from parallm.utils.fs import read_text
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _check(ok: bool, name: str, value: Any, valid: str) -> None:
+    """Raise a UserError for `name` = `value` unless `ok`; `valid` says what would be valid."""
+    if not ok:
+        raise UserError(f"{name}: {value!r} is not valid; {valid}")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Training text: local files or directories, tokenized and packed into fixed-length rows."""
+
+    # Files or directories; "{stdlib}" stands for the running Python's standard library.
+    paths: list[str] = field(default_factory=list)
+    extensions: list[str] = field(default_factory=lambda: [".txt", ".jsonl", ".parquet"])
+    # Directory names skipped anywhere below a directory in `paths`.
+    exclude: list[str] = field(default_factory=list)
+    text_field: str = "text"  # the field holding the text in .jsonl / .parquet rows
+    seq_len: int = 512
+    max_files: int = 0  # 0: all files; else an evenly spread, sorted subset of this many
+    shuffle: bool = True
+    cache_dir: str | None = None  # tokenized files are cached here when set
+
+    def __post_init__(self) -> None:
+        _check(self.seq_len >= 1, "data.seq_len", self.seq_len, "must be >= 1")
+        _check(self.max_files >= 0, "data.max_files", self.max_files, "must be >= 0 (0: all)")
+        for ext in self.extensions:
+            _check(ext.startswith("."), "data.extensions", ext, "extensions start with '.'")
+
+
+@dataclass(kw_only=True)
+class TokenizerConfig:
+    """Either a directory holding `tokenizer.json`, or a BPE vocabulary size to train one."""
+
+    path: str | None = None  # defaults to model.path
+    train_vocab_size: int | None = None  # train a byte-level BPE tokenizer on the data
+
+    def __post_init__(self) -> None:
+        if self.train_vocab_size is not None:
+            _check(
+                self.train_vocab_size >= 259,
+                "tokenizer.train_vocab_size",
+                self.train_vocab_size,
+                "must be >= 259 (256 bytes + 3 special tokens)",
+            )
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """A model to start from (`path`, a HF directory) or the shape of a fresh one."""
+
+    path: str | None = None
+    architecture: str = "llama"
+    vocab_size: int | None = None  # defaults to the tokenizer's vocabulary
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # defaults to n_heads
+    head_dim: int | None = None  # defaults to dim // n_heads
+    ffn_dim: int = 688
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        _check(
+            self.architecture in ARCHITECTURES,
+            "model.architecture",
+            self.architecture,
+            f"valid: {', '.join(ARCHITECTURES)}",
+        )
+        for name in ("dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
+            value = getattr(self, name)
+            _check(value >= 1, f"model.{name}", value, "must be >= 1")
+        n_kv = self.n_kv_heads or self.n_heads
+        _check(
+            n_kv >= 1 and self.n_heads % n_kv == 0,
+            "model.n_kv_heads",
+            self.n_kv_heads,
+            f"must divide model.n_heads={self.n_heads}",
+        )
+        if self.head_dim is None:
+            _check(
+                self.dim % self.n_heads == 0,
+                "model.dim",
+                self.dim,
+                f"must be a multiple of model.n_heads={self.n_heads}, or set model.head_dim",
+            )
+        else:
+            _check(self.head_dim % 2 == 0, "model.head_dim", self.head_dim, "must be even (RoPE)")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The optimisation: steps, batch, AdamW, warmup + cosine schedule, clipping, numerics."""
+
+    steps: int = 100
+    batch_size: int = 8  # sequences per optimizer step (the global batch)
+    micro_batch_size: int = 8  # sequences per forward/backward; the rest is accumulation
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 autocast on GPU, float32 on CPU) | float32 | bfloat16
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "train.steps", self.steps, "must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
+        _check(
+            1 <= self.micro_batch_size and self.batch_size % self.micro_batch_size == 0,
+            "train.micro_batch_size",
+            self.micro_batch_size,
+            f"must divide train.batch_size={self.batch_size}",
+        )
+        _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "train.betas",
+            self.betas,
+            "two numbers in [0, 1), e.g. [0.9, 0.95]",
+        )
+        _check(self.eps > 0, "train.eps", self.eps, "must be > 0")
+        _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0 (0: off)")
+        _check(
+            self.dtype in ("auto", "float32", "bfloat16"),
+            "train.dtype",
+            self.dtype,
+            "valid: auto, float32, bfloat16",
+        )
+        _check(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every: int = 0  # save every N optimizer steps (0: only at the end)
+    keep: int = 2  # keep the newest N checkpoints (0: keep all)
+    export_hf: bool = True  # write <output.dir>/hf at the end
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, "checkpoint.every", self.every, "must be >= 0 (0: at the end)")
+        _check(self.keep >= 0, "checkpoint.keep", self.keep, "must be >= 0 (0: keep all)")
+
+
+@dataclass(kw_only=True)
+class OutputConfig:
+    dir: str = "runs/job"
+
+
+@dataclass(kw_only=True)
+class GenerateConfig:
+    """The sample printed after training (max_tokens 0 skips it)."""
+
+    prompt: str = "def "
+    max_tokens: int = 64
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.max_tokens >= 0, "generate.max_tokens", self.max_tokens, "must be >= 0")
+        _check(self.temperature >= 0, "generate.temperature", self.temperature, "must be >= 0")
+        _check(self.top_k >= 0, "generate.top_k", self.top_k, "must be >= 0 (0: off)")
+        _check(0 < self.top_p <= 1, "generate.top_p", self.top_p, "must be in (0, 1]")
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    """A training job: one field per TOML section."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+C = TypeVar("C")
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(tp: Any, value: Any, name: str, from_cli: bool) -> Any:
+    """`value` as type `tp`; CLI values arrive as strings and are parsed, TOML values checked."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (from_cli and str(value).lower() in ("none", "null")):
+            return None
+        return _coerce(options[0], value, name, from_cli)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if from_cli and isinstance(value, str):
+            value = _parse_cli_list(value)
+        if not isinstance(value, list):
+            raise UserError(f"{name}: expected a list, got {value!r}")
+        return [_coerce(item, v, name, from_cli) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_cli and str(value).lower() in ("true", "false", "1", "0", "yes", "no"):
+            return str(value).lower() in ("true", "1", "yes")
+        raise UserError(f"{name}: expected true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise UserError(f"{name}: expected {tp.__name__}, got {value!r}")
+        if isinstance(value, int) or (tp is float and isinstance(value, float)):
+            return tp(value)
+        if from_cli and isinstance(value, str):
+            try:
+                return tp(value)
+            except ValueError:
+                pass
+        raise UserError(f"{name}: expected {tp.__name__}, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"{name}: expected a string, got {value!r}")
+    raise AssertionError(f"config field {name} has unsupported type {_type_name(tp)}")
+
+
+def _parse_cli_list(text: str) -> list:
+    """A TOML array (`[1, 2]`, `["a"]`) or comma-separated bare words (`a,b`)."""
+    if text.strip().startswith("["):
+        try:
+            return tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            pass
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _build_section(cls: type, values: dict[str, Any], section: str, from_cli: set[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{section}.{key}"
+        if key not in hints:
+            raise UserError(f"unknown key {name!r}; valid keys of [{section}]: {', '.join(valid)}")
+        kwargs[key] = _coerce(hints[key], value, name, key in from_cli)
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, dict[str, str]]:
+    """`--section.key value` / `--section.key=value` arguments -> {section: {key: raw value}}."""
+    out: dict[str, dict[str, str]] = {}
+    i = 0
+    while i < len(overrides):
+        arg = overrides[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise UserError(
+                f"unrecognized argument {arg!r}; overrides look like --section.key value"
+            )
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(overrides):
+                raise UserError(f"override {arg!r} has no value; use {arg} VALUE")
+            key, value = arg[2:], overrides[i + 1]
+            i += 2
+        section, _, name = key.partition(".")
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def load_config(
+    cls: type[C], path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
+) -> C:
+    """Build `cls` from a TOML job file (or defaults when `path` is None) plus CLI overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(read_text(path, "job file"))
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"job file {str(path)!r} is not valid TOML ({e})") from None
+    cli = parse_overrides(list(overrides))
+    sections = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for section in [*raw, *cli]:
+        if section not in sections:
+            raise UserError(f"unknown section [{section}]; valid sections: {', '.join(sections)}")
+        if section in raw and not isinstance(raw[section], dict):
+            raise UserError(f"[{section}] must be a table of keys, got {raw[section]!r}")
+    built = {}
+    for name in sections:
+        values = {**raw.get(name, {}), **cli.get(name, {})}
+        built[name] = _build_section(hints[name], values, name, set(cli.get(name, {})))
+    return cls(**built)
+
+
+def config_to_toml(cfg: Any) -> str:
+    """The TOML text of a config (fields that are None are left out: TOML has no null)."""
+
+    def clean(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj):
+            return {k: clean(v) for k, v in vars(obj).items() if v is not None}
+        return obj
+
+    return tomli_w.dumps(clean(cfg))

@@ -1,0 +1,246 @@
+"""Training data: local files -> documents -> one token stream -> packed fixed-length samples.
+
+Formats: `.jsonl` (one JSON object per line, text in `text_field`), `.parquet` (column
+`text_field`), anything else is read as one UTF-8 text document per file.
+
+Documents are tokenized with BOS (when the tokenizer adds one) and closed with EOS, concatenated,
+and cut into samples of `seq_len + 1` tokens (inputs are the first `seq_len`, labels the last),
+with no padding. Sample order is a permutation seeded by (seed, epoch), so the whole data position
+is one integer — the number of samples consumed — independent of how many data-parallel ranks
+share each global batch. That makes resuming exact, also on a different layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from parallm.errors import UserError
+from parallm.tokenizer import Tokenizer
+
+STDLIB = "{stdlib}"
+
+
+def find_files(
+    paths: list[str], extensions: list[str], *, exclude: list[str] = (), max_files: int = 0
+) -> list[Path]:
+    """Files under `paths` with one of `extensions`, sorted; directory names in `exclude` are
+    skipped; `max_files` > 0 keeps an evenly spread subset of that many."""
+    if not paths:
+        raise UserError('data.paths: no data given; list files or directories, e.g. ["data/"]')
+    skip = set(exclude)
+    found: list[Path] = []
+    for raw in paths:
+        p = Path(raw.replace(STDLIB, sysconfig.get_paths()["stdlib"])).expanduser()
+        if p.is_file():
+            found.append(p)
+        elif p.is_dir():
+            for root, dirs, files in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if d not in skip and not d.startswith("."))
+                found += [Path(root) / f for f in files if Path(f).suffix in extensions]
+        else:
+            raise UserError(f"data.paths: {raw!r} is neither a file nor a directory")
+    found = sorted(set(found))
+    if not found:
+        raise UserError(
+            f"data.paths: no files with extensions {', '.join(extensions)} under {', '.join(paths)}"
+        )
+    if 0 < max_files < len(found):
+        idx = np.linspace(0, len(found) - 1, max_files).round().astype(int)
+        found = [found[i] for i in sorted(set(idx.tolist()))]
+    return found
+
+
+def read_documents(path: Path, text_field: str) -> Iterator[str]:
+    """The text documents of one file."""
+    try:
+        if path.suffix == ".jsonl":
+            yield from _jsonl_documents(path, text_field)
+        elif path.suffix == ".parquet":
+            yield from _parquet_documents(path, text_field)
+        else:
+            yield path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                raise UserError(
+                    f"{path}:{lineno}: no string field {text_field!r} (set data.text_field to "
+                    "the field holding the text)"
+                )
+            yield row[text_field]
+
+
+def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=[text_field])
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{path}: no column {text_field!r} ({e}); set data.text_field") from None
+    except Exception as e:  # pyarrow's ArrowInvalid for corrupt files
+        raise UserError(f"{path}: not a readable parquet file ({e})") from None
+    for value in table.column(text_field).to_pylist():
+        if isinstance(value, str):
+            yield value
+
+
+def iter_texts(files: list[Path], text_field: str) -> Iterator[str]:
+    for f in files:
+        yield from read_documents(f, text_field)
+
+
+def tokenize_files(
+    files: list[Path], tokenizer: Tokenizer, text_field: str, cache_dir: str | None = None
+) -> np.ndarray:
+    """One int32 stream of every document's tokens, each document closed by EOS.
+
+    With `cache_dir`, the stream is cached under a key of the files (path, size, mtime), the
+    tokenizer and the text field, so a resumed or repeated run skips tokenization.
+    """
+    cache = None
+    if cache_dir is not None:
+        key = hashlib.sha256()
+        for f in files:
+            st = f.stat()
+            key.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        key.update(tokenizer.backend.to_str().encode())
+        key.update(text_field.encode())
+        cache = Path(cache_dir) / f"tokens-{key.hexdigest()[:16]}.npy"
+        if cache.exists():
+            return np.load(cache)
+    eos = tokenizer.eos_token_id
+    chunks: list[np.ndarray] = []
+    batch: list[str] = []
+
+    def flush() -> None:
+        for ids in tokenizer.encode_batch(batch):
+            chunks.append(np.asarray(ids + ([eos] if eos is not None else []), dtype=np.int32))
+        batch.clear()
+
+    for text in iter_texts(files, text_field):
+        if text:
+            batch.append(text)
+        if len(batch) >= 256:
+            flush()
+    flush()
+    stream = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp-{os.getpid()}.npy")
+        np.save(tmp, stream)
+        os.replace(tmp, cache)
+    return stream
+
+
+class PackedDataset:
+    """Fixed-length samples cut from the token stream of `files`; sample i is tokens
+    [i * seq_len, (i + 1) * seq_len + 1), so consecutive samples share one boundary token."""
+
+    def __init__(
+        self,
+        files: list[Path],
+        tokenizer: Tokenizer,
+        *,
+        seq_len: int,
+        text_field: str = "text",
+        seed: int = 0,
+        shuffle: bool = True,
+        cache_dir: str | None = None,
+    ) -> None:
+        self.tokens = tokenize_files(files, tokenizer, text_field, cache_dir)
+        self.seq_len, self.seed, self.shuffle = seq_len, seed, shuffle
+        self.num_samples = (len(self.tokens) - 1) // seq_len if len(self.tokens) else 0
+        self._epoch_order: tuple[int, np.ndarray | None] = (-1, None)
+        if self.num_samples == 0:
+            raise UserError(
+                f"data: the files hold {len(self.tokens)} tokens, fewer than one sample of "
+                f"data.seq_len + 1 = {seq_len + 1}; add data or lower data.seq_len"
+            )
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._epoch_order[0] != epoch:  # one permutation per epoch, computed once
+            order = np.arange(self.num_samples)
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+            self._epoch_order = (epoch, order)
+        return self._epoch_order[1]
+
+    def sample(self, index: int) -> np.ndarray:
+        """The `index`-th sample consumed since the start of training (epochs wrap around)."""
+        epoch, i = divmod(index, self.num_samples)
+        start = int(self._order(epoch)[i]) * self.seq_len
+        return self.tokens[start : start + self.seq_len + 1]
+
+
+class PackedDataLoader:
+    """Global batches of `global_batch_size` samples, split into micro-batches.
+
+    A data-parallel rank `dp_rank` of `dp_degree` takes its contiguous slice of each global batch,
+    so the union over ranks is the single-process batch. The position (`consumed` samples) is
+    global: a checkpoint resumes on any data-parallel degree.
+    """
+
+    def __init__(
+        self,
+        dataset: PackedDataset,
+        *,
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_rank: int = 0,
+        dp_degree: int = 1,
+    ) -> None:
+        if global_batch_size % dp_degree:
+            raise UserError(
+                f"train.batch_size: {global_batch_size} is not divisible by the data-parallel "
+                f"degree {dp_degree}"
+            )
+        local = global_batch_size // dp_degree
+        if local % micro_batch_size:
+            raise UserError(
+                f"train.micro_batch_size: {micro_batch_size} must divide the per-rank batch "
+                f"{local} (train.batch_size {global_batch_size} / data-parallel degree {dp_degree})"
+            )
+        self.dataset = dataset
+        self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
+        self.dp_rank, self.local_batch_size = dp_rank, local
+        self.consumed = 0
+
+    def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches of the next global batch: (inputs, labels), each (m, T)."""
+        first = self.consumed + self.dp_rank * self.local_batch_size
+        rows = np.stack([self.dataset.sample(first + i) for i in range(self.local_batch_size)])
+        self.consumed += self.global_batch_size
+        rows = torch.from_numpy(rows.astype(np.int64))
+        return [(chunk[:, :-1], chunk[:, 1:]) for chunk in rows.split(self.micro_batch_size, dim=0)]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed": self.consumed, "num_samples": len(self.dataset)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("num_samples", len(self.dataset)) != len(self.dataset):
+            raise UserError(
+                f"--resume: the data now yields {len(self.dataset)} samples but the checkpoint "
+                f"was written with {state['num_samples']}; resume with the same data and seq_len"
+            )
+        self.consumed = int(state["consumed"])
