@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
-	$(BIN)/parallm demo
+	$(BIN)/parallm train configs/demo.toml
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -15,7 +15,8 @@ from parallm.errors import UserError
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, like every other user error
-        raise UserError(f"{self.prog}: {message}")
+        sub = self.prog.removeprefix("parallm").strip()
+        raise UserError(f"{sub}: {message}" if sub else message)
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
