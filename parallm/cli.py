@@ -20,18 +20,24 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from parallm.config import JobConfig, load_config
-    from parallm.train.trainer import Trainer, summary
+    from parallm.train.__main__ import run
 
-    cfg = load_config(JobConfig, args.job, overrides)
-    trainer = Trainer(cfg, resume=args.resume)
-    records = trainer.fit()
-    print(summary(records), flush=True)
-    if trainer.step == cfg.train.steps and cfg.checkpoint.export_hf:
-        print(f"saved Hugging Face directory {trainer.out / 'hf'}", flush=True)
-    if cfg.generate.max_tokens > 0:
-        print("--- sample ---\n" + trainer.sample(), flush=True)
-    return 0
+    if args.nproc < 1:
+        raise UserError(f"--nproc: {args.nproc} is not valid; must be >= 1")
+    if args.nproc == 1:
+        return run(args.job, overrides, resume=args.resume)
+    import subprocess
+
+    from parallm.config import JobConfig, load_config
+    from parallm.distributed.launch import torchrun_argv
+    from parallm.distributed.parallel_dims import ParallelDims
+
+    # Catch what needs no model or data before starting N processes: one line, not N.
+    ParallelDims.from_config(load_config(JobConfig, args.job, overrides).parallel, args.nproc)
+    argv = [args.job, *(["--resume"] if args.resume else []), *overrides]
+    # torchrun stops every rank when one fails; the failing rank has printed its own error.
+    proc = subprocess.run(torchrun_argv(args.nproc, "parallm.train", argv))
+    return 2 if proc.returncode == 2 else proc.returncode
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -71,6 +77,29 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace, rest: list[str]) -> int:
+    if args.what != "train":
+        raise UserError(f"bench: {args.what!r} is not a benchmark; valid: train")
+    from parallm.bench import train as bench_train
+
+    parsed = bench_train.parser().parse_args(rest)
+    if parsed.nproc <= 1:
+        return bench_train.main(rest)
+    import subprocess
+
+    from parallm.distributed.launch import torchrun_argv
+
+    return subprocess.run(torchrun_argv(parsed.nproc, "parallm.bench.train", rest)).returncode
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from parallm.planner.report import plan_command, plan_json
+
+    fn = plan_json if args.json else plan_command
+    print(fn(args.model, args.gpus, args.gpu_memory, args.seq_len, args.batch, args.micro_batch))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="parallm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -82,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("job", help="job file (TOML), e.g. configs/demo.toml")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    train.add_argument(
+        "--nproc", type=int, default=1, help="processes on this node (starts torchrun when > 1)"
+    )
 
     gen = sub.add_parser("generate", help="generate text from a Hugging Face model directory")
     gen.add_argument("--model", required=True, help="model directory (HF format)")
@@ -96,6 +128,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default=None, help="float32 | bfloat16 | float16 (default: model's)"
     )
     gen.add_argument("--device", default=None, help="cpu | cuda (default: cpu)")
+    plan = sub.add_parser(
+        "plan",
+        help="predict memory and communication per layout; recommend the fastest that fits",
+    )
+    plan.add_argument("--model", required=True, help="model directory (its config.json)")
+    plan.add_argument("--gpus", type=int, required=True)
+    plan.add_argument("--gpu-memory", type=float, required=True, help="GiB per GPU, e.g. 80")
+    plan.add_argument("--seq-len", type=int, default=4096)
+    plan.add_argument("--batch", type=int, default=64, help="global sequences per step")
+    plan.add_argument("--micro-batch", type=int, default=1)
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks: train (see `parallm bench train --help`)",
+        add_help=False,
+    )
+    bench.add_argument("what", help="train")
     return parser
 
 
@@ -106,8 +156,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, rest = parser.parse_known_args(argv)
         if args.command == "train":
             return _train(args, rest)
+        if args.command == "bench":
+            return _bench(args, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if args.command == "plan":
+            return _plan(args)
         return _generate(args)
     except UserError as e:
         print(f"parallm: error: {e}", file=sys.stderr)

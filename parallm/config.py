@@ -44,10 +44,14 @@ class DataConfig:
     max_files: int = 0  # 0: all files; else an evenly spread, sorted subset of this many
     shuffle: bool = True
     cache_dir: str | None = None  # tokenized files are cached here when set
+    # > 0: this many uniformly random token ids instead of files (benchmarks; needs
+    # model.vocab_size and no tokenizer)
+    random_tokens: int = 0
 
     def __post_init__(self) -> None:
         _check(self.seq_len >= 1, "data.seq_len", self.seq_len, "must be >= 1")
         _check(self.max_files >= 0, "data.max_files", self.max_files, "must be >= 0 (0: all)")
+        _check(self.random_tokens >= 0, "data.random_tokens", self.random_tokens, "must be >= 0")
         for ext in self.extensions:
             _check(ext.startswith("."), "data.extensions", ext, "extensions start with '.'")
 
@@ -164,6 +168,72 @@ class TrainConfig:
         _check(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
 
 
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "dualpipev")
+CP_MODES = ("ulysses", "ring")
+AC_MODES = ("none", "full", "selective")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """The layout: degrees multiply to the number of processes (dp_shard=-1 fills the rest)."""
+
+    dp_replicate: int = 1  # plain data parallel (replicas); with dp_shard > 1: hybrid sharding
+    dp_shard: int = -1  # FSDP / ZeRO sharding degree; -1: what the other degrees leave
+    tp: int = 1  # tensor parallel (with sequence parallelism)
+    pp: int = 1  # pipeline stages (ranks)
+    cp: int = 1  # context parallel: each sequence split over cp ranks
+    zero_stage: int = 3  # 1: optimizer state, 2: + gradients, 3: + parameters sharded
+    cpu_offload: bool = False  # keep sharded parameters and optimizer state in CPU memory
+    pp_schedule: str = "1f1b"
+    pp_microbatches: int = 0  # per pipeline step (divides micro_batch_size); 0: one per stage
+    pp_virtual_stages: int = 2  # stages per rank for interleaved_1f1b
+    pp_layers: list[int] = field(default_factory=list)  # layers per stage; empty: balanced
+    cp_mode: str = "ulysses"  # ulysses (all-to-all over heads) | ring (K/V blocks, balanced)
+    activation_checkpoint: str = "none"  # none | full | selective
+    compile: bool = False  # torch.compile each block
+    timeout_s: float = 600.0  # collective timeout: a stuck rank fails everyone after this
+
+    def __post_init__(self) -> None:
+        for name in ("dp_replicate", "tp", "pp", "cp"):
+            value = getattr(self, name)
+            _check(value >= 1, f"parallel.{name}", value, "must be >= 1")
+        _check(
+            self.dp_shard == -1 or self.dp_shard >= 1,
+            "parallel.dp_shard",
+            self.dp_shard,
+            "must be >= 1, or -1 for the rest of the world size",
+        )
+        _check(
+            self.zero_stage in (1, 2, 3), "parallel.zero_stage", self.zero_stage, "valid: 1, 2, 3"
+        )
+        _check(
+            self.pp_schedule in PP_SCHEDULES,
+            "parallel.pp_schedule",
+            self.pp_schedule,
+            f"valid: {', '.join(PP_SCHEDULES)}",
+        )
+        _check(self.pp_microbatches >= 0, "parallel.pp_microbatches", self.pp_microbatches, ">= 0")
+        _check(
+            self.pp_virtual_stages >= 1,
+            "parallel.pp_virtual_stages",
+            self.pp_virtual_stages,
+            ">= 1",
+        )
+        _check(
+            self.cp_mode in CP_MODES,
+            "parallel.cp_mode",
+            self.cp_mode,
+            f"valid: {', '.join(CP_MODES)}",
+        )
+        _check(
+            self.activation_checkpoint in AC_MODES,
+            "parallel.activation_checkpoint",
+            self.activation_checkpoint,
+            f"valid: {', '.join(AC_MODES)}",
+        )
+        _check(self.timeout_s > 0, "parallel.timeout_s", self.timeout_s, "must be > 0")
+
+
 @dataclass(kw_only=True)
 class CheckpointConfig:
     every: int = 0  # save every N optimizer steps (0: only at the end)
@@ -205,6 +275,7 @@ class JobConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)

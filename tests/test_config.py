@@ -66,3 +66,56 @@ def test_missing_job_file(tmp_path):
 def test_demo_config_is_valid():
     cfg = load_config(JobConfig, "configs/demo.toml")
     assert cfg.data.paths == ["{stdlib}"] and cfg.tokenizer.train_vocab_size == 4096
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("--parallel.zero_stage=4", "parallel.zero_stage: 4 is not valid; valid: 1, 2, 3"),
+        ("--parallel.pp_schedule=zb", "valid: gpipe, 1f1b, interleaved_1f1b, zero_bubble"),
+        ("--parallel.cp_mode=star", "valid: ulysses, ring"),
+        ("--parallel.dp_shard=0", "must be >= 1, or -1"),
+        ("--parallel.activation_checkpoint=some", "valid: none, full, selective"),
+    ],
+)
+def test_parallel_section_errors(override, match):
+    with pytest.raises(UserError, match=match):
+        load_config(JobConfig, None, [override])
+
+
+@pytest.mark.parametrize(
+    "degrees, world, match",
+    [
+        (dict(tp=2, pp=2), 2, r"dp_replicate=1 x dp_shard=-1 x cp=1 x tp=2 x pp=2 vs world size 2"),
+        (dict(tp=3), 4, "cannot fill parallel.dp_shard=-1"),
+        (dict(dp_shard=2, tp=2), 8, "must multiply to the world size"),
+    ],
+)
+def test_layout_degrees_must_multiply_to_world(degrees, world, match):
+    from parallm.distributed.parallel_dims import ParallelDims
+
+    with pytest.raises(UserError, match=match):
+        ParallelDims(**degrees, world_size=world)
+
+
+def test_layout_checked_against_the_model():
+    from parallm.distributed.parallel_dims import ParallelDims
+    from parallm.models.llama.model import ModelArgs
+
+    model = ModelArgs(
+        vocab_size=320, dim=64, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=8, ffn_dim=64
+    )
+    dims = ParallelDims(tp=4, world_size=4)
+    with pytest.raises(UserError, match="parallel.tp: 4 must divide the model's n_kv_heads=2"):
+        dims.validate_model(model, seq_len=32, cp_mode="ulysses", n_stages=1)
+    dims = ParallelDims(cp=2, tp=2, world_size=4)
+    with pytest.raises(
+        UserError, match="parallel.cp: 2 must divide the attention heads per tensor"
+    ):
+        dims.validate_model(model, seq_len=32, cp_mode="ulysses", n_stages=1)
+    with pytest.raises(UserError, match="seq_len=36 must be divisible by 8"):
+        dims.validate_model(model, seq_len=36, cp_mode="ring", n_stages=1)
+    with pytest.raises(UserError, match="5 pipeline stages need at least as many layers"):
+        ParallelDims(pp=5, world_size=5).validate_model(
+            model, seq_len=32, cp_mode="ulysses", n_stages=5
+        )

@@ -38,7 +38,7 @@ def test_every_format_is_read_in_order(files):
 
 
 def test_packing_is_the_token_stream_with_eos_between_documents(files, tokenizer):
-    ds = PackedDataset(files, tokenizer, seq_len=16, shuffle=False)
+    ds = PackedDataset.from_files(files, tokenizer, seq_len=16, shuffle=False)
     expected = []
     for doc in DOCS:
         expected += tokenizer.encode(doc) + [tokenizer.eos_token_id]
@@ -48,7 +48,7 @@ def test_packing_is_the_token_stream_with_eos_between_documents(files, tokenizer
 
 
 def test_loader_position_and_data_parallel_slices(files, tokenizer):
-    ds = PackedDataset(files, tokenizer, seq_len=8, seed=3)
+    ds = PackedDataset.from_files(files, tokenizer, seq_len=8, seed=3)
     single = PackedDataLoader(ds, global_batch_size=4, micro_batch_size=2)
     ranks = [
         PackedDataLoader(ds, global_batch_size=4, micro_batch_size=1, dp_rank=r, dp_degree=2)
@@ -68,7 +68,7 @@ def test_loader_position_and_data_parallel_slices(files, tokenizer):
 
 
 def test_epochs_are_different_permutations(files, tokenizer):
-    ds = PackedDataset(files, tokenizer, seq_len=8, seed=0)
+    ds = PackedDataset.from_files(files, tokenizer, seq_len=8, seed=0)
     n = len(ds)
     first = [tuple(ds.sample(i)) for i in range(n)]
     second = [tuple(ds.sample(n + i)) for i in range(n)]
@@ -77,9 +77,9 @@ def test_epochs_are_different_permutations(files, tokenizer):
 
 def test_tokenized_cache_is_reused(files, tokenizer, tmp_path):
     cache = tmp_path / "cache"
-    a = PackedDataset(files, tokenizer, seq_len=8, cache_dir=str(cache))
+    a = PackedDataset.from_files(files, tokenizer, seq_len=8, cache_dir=str(cache))
     assert len(list(cache.glob("tokens-*.npy"))) == 1
-    b = PackedDataset(files, tokenizer, seq_len=8, cache_dir=str(cache))
+    b = PackedDataset.from_files(files, tokenizer, seq_len=8, cache_dir=str(cache))
     np.testing.assert_array_equal(a.tokens, b.tokens)
 
 
@@ -103,7 +103,7 @@ def test_bad_inputs(tmp_path, tokenizer):
         find_files([str(tmp_path)], [".txt"])
     (tmp_path / "tiny.txt").write_text("hi")
     with pytest.raises(UserError, match="fewer than one sample"):
-        PackedDataset([tmp_path / "tiny.txt"], tokenizer, seq_len=64)
+        PackedDataset.from_files([tmp_path / "tiny.txt"], tokenizer, seq_len=64)
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "c.parquet")
     with pytest.raises(UserError, match="no column 'text'"):
         list(iter_texts([tmp_path / "c.parquet"], "text"))

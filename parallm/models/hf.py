@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from safetensors.torch import save_file
 
 from parallm.errors import UserError
 from parallm.models.llama import hf_adapter
-from parallm.models.llama.model import ModelArgs, Transformer
+from parallm.models.llama.model import ModelArgs, Transformer, canonical_name
 from parallm.utils.fs import atomic_dir, read_json
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -87,10 +88,7 @@ def _expected_shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _read_state_dict(
-    d: Path, expected: dict[str, tuple[int, ...]], dtype: torch.dtype, device: str
-) -> dict[str, torch.Tensor]:
-    files = _weight_files(d)
+def _check_complete(d: Path, expected: dict[str, tuple[int, ...]], files: dict[str, Path]) -> None:
     missing = sorted(set(expected) - set(files))
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -98,6 +96,27 @@ def _read_state_dict(
             f"{d}: weights missing for {', '.join(missing[:3])}{more}; "
             "the checkpoint does not match config.json"
         )
+
+
+def _get_tensor(handle, f: Path, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """One tensor from an open safetensors file, after checking its shape against the config."""
+    got = tuple(handle.get_slice(key).get_shape())
+    if got != shape:
+        raise UserError(
+            f"{f.name}: {key} has shape {list(got)} but config.json implies "
+            f"{list(shape)}; the config and the weights disagree"
+        )
+    try:
+        return handle.get_tensor(key)
+    except Exception as e:
+        raise UserError(f"{f}: cannot read {key} ({e}); the file may be truncated") from None
+
+
+def _read_state_dict(
+    d: Path, expected: dict[str, tuple[int, ...]], dtype: torch.dtype, device: str
+) -> dict[str, torch.Tensor]:
+    files = _weight_files(d)
+    _check_complete(d, expected, files)
     by_file: dict[Path, list[str]] = {}
     for key, f in files.items():
         if hf_adapter.parallm_key(key) is not None:
@@ -110,20 +129,31 @@ def _read_state_dict(
                     if key == "lm_head.weight":  # a tied checkpoint that also stored the head
                         continue
                     raise UserError(f"{f.name}: unexpected tensor {key!r} for this config.json")
-                shape = tuple(handle.get_slice(key).get_shape())
-                if shape != expected[key]:
-                    raise UserError(
-                        f"{f.name}: {key} has shape {list(shape)} but config.json implies "
-                        f"{list(expected[key])}; the config and the weights disagree"
-                    )
-                try:
-                    tensor = handle.get_tensor(key)
-                except Exception as e:
-                    raise UserError(
-                        f"{f}: cannot read {key} ({e}); the file may be truncated"
-                    ) from None
+                tensor = _get_tensor(handle, f, key, expected[key])
                 state[hf_adapter.parallm_key(key)] = tensor.to(dtype)
     return state
+
+
+def load_weights_into(
+    model: Transformer,
+    path: str | os.PathLike,
+    *,
+    fill: Callable[[torch.Tensor, torch.Tensor], None],
+) -> None:
+    """Fill the materialised `model` (a whole model, a pipeline stage, or a sharded one) from a
+    HF directory one tensor at a time: `fill(param, full_float32_value)` keeps what it needs."""
+    d = _model_dir(path)
+    files = _weight_files(d)
+    with torch.device("meta"):
+        expected = _expected_shapes(Transformer(model.args))
+    _check_complete(d, expected, files)
+    for name, param in model.named_parameters():
+        name = canonical_name(name)
+        if model.args.tie_embeddings and name == "lm_head.weight":  # a last pipeline stage
+            name = "embed_tokens.weight"
+        key = hf_adapter.hf_key(name)
+        with _open(files[key], "cpu") as handle:
+            fill(param, _get_tensor(handle, files[key], key, expected[key]).float())
 
 
 def load_pretrained(
@@ -173,15 +203,27 @@ def save_pretrained(
 
     Shards above `max_shard_bytes` go to `model-0000i-of-0000n.safetensors` with an index.
     """
-    args = model.args
-    state = {
-        hf_adapter.hf_key(n): p.detach().to("cpu").contiguous()
-        for n, p in model.state_dict().items()
+    state = {canonical_name(n): t for n, t in model.state_dict().items()}
+    return save_state_dict(state, model.args, path, tokenizer, max_shard_bytes=max_shard_bytes)
+
+
+def save_state_dict(
+    state: dict[str, torch.Tensor],
+    args: ModelArgs,
+    path: str | os.PathLike,
+    tokenizer: Any | None = None,
+    *,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write full parameters keyed by parallm names as a HF directory, atomically."""
+    tensors = {
+        hf_adapter.hf_key(n): t.detach().to("cpu").contiguous()
+        for n, t in state.items()
         if not (args.tie_embeddings and n == "lm_head.weight")
     }
-    dtype = next(iter(state.values())).dtype
+    dtype = next(iter(tensors.values())).dtype
     dtype_name = str(dtype).removeprefix("torch.")
-    shards = _split_shards(state, max_shard_bytes)
+    shards = _split_shards(tensors, max_shard_bytes)
     with atomic_dir(path) as tmp:
         if len(shards) == 1:
             save_file(shards[0], str(tmp / SAFE_SINGLE), metadata={"format": "pt"})
@@ -191,7 +233,7 @@ def save_pretrained(
                 name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
                 save_file(shard, str(tmp / name), metadata={"format": "pt"})
                 weight_map.update(dict.fromkeys(shard, name))
-            total = sum(t.numel() * t.element_size() for t in state.values())
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
         config = hf_adapter.args_to_hf(args, dtype_name)

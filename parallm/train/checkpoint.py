@@ -7,7 +7,8 @@ Layout of `<output>/checkpoints/step_00000010/`:
 
 Every rank writes into the same temporary directory `.step_XXXXXXXX.tmp`; after all ranks are
 done, rank 0 renames it to `step_XXXXXXXX`. A directory with that name is therefore complete.
-`get_state_dict` / `set_state_dict` make the same code serve plain, FSDP and DTensor models, and
+`get_model_state_dict` / `get_optimizer_state_dict` (per pipeline part, flattened names) make the
+same code serve plain, FSDP and DTensor models, and
 DCP reshards on load, so a checkpoint resumes on any layout.
 """
 
@@ -26,9 +27,16 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from parallm.errors import UserError
+from parallm.train.optim import Optimizers
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.json"
@@ -58,8 +66,8 @@ def step_dir(root: Path, step: int) -> Path:
 def save_checkpoint(
     root: str | os.PathLike,
     step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model_parts: list[nn.Module],
+    optimizer: Optimizers,
     trainer_state: dict[str, Any],
     *,
     keep: int = 0,
@@ -72,9 +80,9 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = _state(model_parts, optimizer)
     with _single_process_quiet():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        dcp.save(_merged(state), checkpoint_id=str(tmp))
     if _is_rank0():
         torch.save(_rng_state(), tmp / "rng.pt")
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
@@ -107,24 +115,48 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _state(model_parts: list[nn.Module], optimizers: Optimizers) -> list[tuple[dict, dict]]:
+    """(model, optimizer) state dicts per part, keyed by parameter names (flattened optimizer
+    keys such as `state.layers.3.mlp.up_proj.weight.exp_avg`), so any layout reads them."""
+    return [
+        (
+            get_model_state_dict(part, options=_OPTIONS),
+            get_optimizer_state_dict(part, opt, options=_OPTIONS),
+        )
+        for part, opt in zip(model_parts, optimizers.optimizers, strict=True)
+    ]
+
+
+def _merged(state: list[tuple[dict, dict]]) -> dict[str, dict]:
+    model, optim = {}, {}
+    for model_sd, optim_sd in state:
+        model.update(model_sd)
+        optim.update(optim_sd)
+    return {"model": model, "optim": optim}
+
+
 def load_checkpoint(
-    path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer
+    path: str | os.PathLike, model_parts: list[nn.Module], optimizer: Optimizers
 ) -> dict[str, Any]:
     """Restore model and optimizer in place from `path`; return the saved trainer state."""
     path = Path(path)
     state_file = path / STATE_FILE
     if not state_file.exists():
         raise UserError(f"{path}: not a complete parallm checkpoint (no {STATE_FILE})")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    state = _state(model_parts, optimizer)
     try:
         with _single_process_quiet():
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(_merged(state), checkpoint_id=str(path))  # fills the tensors in place
     except Exception as e:  # DCP wraps shape / key mismatches in its own exception types
         raise UserError(f"{path}: checkpoint does not fit this model ({_first_line(e)})") from None
-    set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
-    )
+    for part, opt, (model_sd, optim_sd) in zip(
+        model_parts, optimizer.optimizers, state, strict=True
+    ):
+        set_model_state_dict(part, model_sd, options=_OPTIONS)
+        set_optimizer_state_dict(part, opt, optim_sd, options=_OPTIONS)
     rng_file = path / "rng.pt"
     if rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))

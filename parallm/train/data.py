@@ -151,11 +151,12 @@ def tokenize_files(
 
 
 class PackedDataset:
-    """Fixed-length samples cut from the token stream of `files`; sample i is tokens
+    """Fixed-length samples cut from a token stream; sample i is tokens
     [i * seq_len, (i + 1) * seq_len + 1), so consecutive samples share one boundary token."""
 
-    def __init__(
-        self,
+    @classmethod
+    def from_files(
+        cls,
         files: list[Path],
         tokenizer: Tokenizer,
         *,
@@ -164,8 +165,20 @@ class PackedDataset:
         seed: int = 0,
         shuffle: bool = True,
         cache_dir: str | None = None,
-    ) -> None:
-        self.tokens = tokenize_files(files, tokenizer, text_field, cache_dir)
+    ) -> PackedDataset:
+        tokens = tokenize_files(files, tokenizer, text_field, cache_dir)
+        return cls(tokens, seq_len=seq_len, seed=seed, shuffle=shuffle)
+
+    @classmethod
+    def random(
+        cls, n_tokens: int, vocab_size: int, *, seq_len: int, seed: int = 0
+    ) -> PackedDataset:
+        """Uniformly random token ids: benchmarks measure speed, not what is learned."""
+        tokens = np.random.default_rng(seed).integers(0, vocab_size, n_tokens, dtype=np.int32)
+        return cls(tokens, seq_len=seq_len, seed=seed, shuffle=False)
+
+    def __init__(self, tokens: np.ndarray, *, seq_len: int, seed: int = 0, shuffle: bool = True):
+        self.tokens = tokens
         self.seq_len, self.seed, self.shuffle = seq_len, seed, shuffle
         self.num_samples = (len(self.tokens) - 1) // seq_len if len(self.tokens) else 0
         self._epoch_order: tuple[int, np.ndarray | None] = (-1, None)

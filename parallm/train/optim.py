@@ -12,7 +12,7 @@ from torch import nn
 
 
 def build_optimizer(
-    model: nn.Module,
+    model_parts: list[nn.Module],
     *,
     lr: float,
     weight_decay: float,
@@ -20,8 +20,11 @@ def build_optimizer(
     eps: float,
 ) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not on norms, biases or 1-D parameters)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    params = list(
+        {id(p): p for m in model_parts for p in m.parameters() if p.requires_grad}.values()
+    )
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -43,9 +46,25 @@ def lr_at(
     return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Clip to `max_norm` (0 disables clipping) and return the total norm before clipping."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
-    return torch.nn.utils.get_total_norm([p.grad for p in params])
+class Optimizers:
+    """One AdamW per model part (a rank's pipeline stages), stepped as one optimizer.
+
+    Separate optimizers keep each part's state keyed by that part's own parameter names, which
+    is what makes a checkpoint independent of how many stages a rank holds.
+    """
+
+    def __init__(self, model_parts: list[nn.Module], **kwargs) -> None:
+        self.parts = model_parts
+        self.optimizers = [build_optimizer([part], **kwargs) for part in model_parts]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)

@@ -1,8 +1,10 @@
 """The training loop: build (tokenizer, model, optimizer, data), step, log, checkpoint, export.
 
-One code path serves every layout. Today it runs one process; the parallel-training work adds a
-`ParallelDims` that shards the model between `build_model` and `build_optimizer`, and hands the
-data loader its data-parallel rank and degree. Nothing below reads `RANK` or env vars.
+One code path serves every layout, from one process to a pp x dp_replicate x dp_shard x cp x tp
+mesh: `ParallelDims` validates the degrees, `layout.build_rank_model` gives this rank its
+parallelized model parts, `step.StepRunner` runs forward and backward, and on one process every
+collective is skipped. Only rank 0 prints, writes metrics and renames checkpoints. Nothing below
+reads `RANK` or environment variables: the process group (if any) is already initialized.
 """
 
 from __future__ import annotations
@@ -10,25 +12,27 @@ from __future__ import annotations
 import json
 import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 
 from parallm.config import JobConfig, config_to_toml
+from parallm.distributed.parallel_dims import ParallelDims
 from parallm.errors import UserError
 from parallm.generate import SamplingOptions, generate
-from parallm.models.hf import load_pretrained, read_args, save_pretrained
-from parallm.models.llama.model import ModelArgs, Transformer
+from parallm.models.hf import load_pretrained, read_args, save_state_dict
+from parallm.models.llama.model import ModelArgs, canonical_name
 from parallm.tokenizer import Tokenizer, save_tokenizer_dir, train_bpe_tokenizer
 from parallm.train import checkpoint as ckpt
 from parallm.train.data import PackedDataLoader, PackedDataset, find_files, iter_texts
+from parallm.train.layout import RankModel, build_rank_model
 from parallm.train.metrics import MetricsLog, Progress, device_peak_flops, flops_per_token
-from parallm.train.optim import build_optimizer, clip_grad_norm, lr_at
-from parallm.utils.fs import write_text_atomic
+from parallm.train.optim import Optimizers, lr_at
+from parallm.train.step import StepRunner
+from parallm.utils.fs import write_json_atomic, write_text_atomic
 
 
 def seed_everything(seed: int) -> None:
@@ -39,15 +43,17 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"train.device: {name!r} is not a device; valid: auto, cpu, cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"train.device: {name!r} requested but no CUDA device is available")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
     return device
 
 
@@ -75,87 +81,166 @@ def model_args_from_config(cfg: JobConfig, vocab_size: int) -> ModelArgs:
     )
 
 
+def state_bytes(model: RankModel) -> dict[str, int]:
+    """This rank's bytes of parameters, gradients and AdamW state (exp_avg, exp_avg_sq, step)."""
+    params = {id(p): p for p in model.parameters()}.values()
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    param_bytes = sum(t.numel() * t.element_size() for t in local)
+    return {
+        "parameters": param_bytes,
+        "gradients": param_bytes,
+        "optimizer": 2 * param_bytes + 4 * len(local),  # two moments + a float32 step each
+    }
+
+
 class Trainer:
     """Trains one job. `fit()` runs to `train.steps`, checkpointing and exporting as configured."""
 
-    def __init__(self, cfg: JobConfig, *, resume: bool = False) -> None:
+    def __init__(self, cfg: JobConfig, *, resume: bool = False, local_rank: int = 0) -> None:
         self.cfg = cfg
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        p = cfg.parallel
+        self.dims = ParallelDims.from_config(p, self.world)
         self.out = Path(cfg.output.dir)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.ckpt_root = self.out / "checkpoints"
-        self.device = pick_device(cfg.train.device)
-        self.autocast = self._autocast_dtype()
+        self.device = pick_device(cfg.train.device, local_rank)
         seed_everything(cfg.train.seed)
 
-        d = cfg.data
-        files = find_files(d.paths, d.extensions, exclude=d.exclude, max_files=d.max_files)
-        self.tokenizer = self._build_tokenizer(files)
-        self.model = self._build_model()
-        if self.model.args.vocab_size < self.tokenizer.vocab_size:
-            raise UserError(
-                f"model.vocab_size: {self.model.args.vocab_size} is smaller than the tokenizer's "
-                f"vocabulary of {self.tokenizer.vocab_size}"
-            )
-        t = cfg.train
-        self.optimizer = build_optimizer(
-            self.model, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.eps
-        )
-        dataset = PackedDataset(
-            files,
-            self.tokenizer,
-            seq_len=cfg.data.seq_len,
-            text_field=cfg.data.text_field,
+        d, t = cfg.data, cfg.train
+        if d.random_tokens:
+            files, self.tokenizer = [], None
+            if cfg.model.vocab_size is None and cfg.model.path is None:
+                raise UserError("data.random_tokens: set model.vocab_size (there is no tokenizer)")
+            args = model_args_from_config(cfg, cfg.model.vocab_size or 0)
+        else:
+            files = find_files(d.paths, d.extensions, exclude=d.exclude, max_files=d.max_files)
+            self.tokenizer = self._build_tokenizer(files)
+            args = model_args_from_config(cfg, self.tokenizer.vocab_size)
+            if not cfg.model.path:
+                args.bos_token_id = self.tokenizer.bos_token_id
+                args.eos_token_id = self.tokenizer.eos_token_id
+                args.pad_token_id = self.tokenizer.pad_token_id
+        self._validate(args)
+        self.args = args
+        if self.world > 1:
+            self.dims.build_mesh(self.device.type)
+        fsdp_bf16 = self._wants_bf16() and self.dims.fsdp_enabled
+        self.model = build_rank_model(
+            args,
+            p,
+            self.dims,
+            self.device,
             seed=t.seed,
-            shuffle=cfg.data.shuffle,
-            cache_dir=cfg.data.cache_dir,
+            hf_path=cfg.model.path,
+            param_dtype=torch.bfloat16 if fsdp_bf16 else None,
         )
-        self.data = PackedDataLoader(
-            dataset, global_batch_size=t.batch_size, micro_batch_size=t.micro_batch_size
+        self.optimizer = Optimizers(
+            self.model.parts, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.eps
         )
-        if cfg.data.seq_len > self.model.args.max_seq_len:
-            raise UserError(
-                f"data.seq_len: {cfg.data.seq_len} exceeds the model's context of "
-                f"{self.model.args.max_seq_len} tokens (model.max_seq_len)"
+        if d.random_tokens:
+            dataset = PackedDataset.random(d.random_tokens, args.vocab_size, seq_len=d.seq_len)
+        else:
+            dataset = PackedDataset.from_files(
+                files,
+                self.tokenizer,
+                seq_len=d.seq_len,
+                text_field=d.text_field,
+                seed=t.seed,
+                shuffle=d.shuffle,
+                cache_dir=d.cache_dir,
             )
-        args = self.model.args
-        self.log(
-            f"model: {args.architecture}, {args.num_params() / 1e6:.2f}M parameters "
-            f"({args.num_params(embeddings=False) / 1e6:.2f}M without embeddings) on {self.device}"
+        self.data = PackedDataLoader(
+            dataset,
+            global_batch_size=t.batch_size,
+            micro_batch_size=t.micro_batch_size,
+            dp_rank=self.dims.coordinate("dp"),
+            dp_degree=self.dims.dp,
         )
-        epochs = t.steps * t.batch_size / len(dataset)
-        self.log(
-            f"data: {len(files)} files, {len(dataset.tokens):,} tokens -> {len(dataset):,} "
-            f"samples of {cfg.data.seq_len} tokens; {t.steps} steps x {t.batch_size} samples "
-            f"= {epochs:.2f} epochs"
+        n_accum = t.batch_size // self.dims.dp // t.micro_batch_size
+        autocast = torch.bfloat16 if self._wants_bf16() and not fsdp_bf16 else None
+        self.runner = StepRunner(
+            self.model, self.dims, p, device=self.device, n_accum=n_accum, autocast=autocast
         )
+        self._log_start(files, dataset)
         self.step = 0
         if resume:
             self._resume()
-        write_text_atomic(self.out / "config.toml", config_to_toml(cfg))
-        self.flops_per_token = flops_per_token(self.model.args, cfg.data.seq_len)
+        if self.rank == 0:
+            write_text_atomic(self.out / "config.toml", config_to_toml(cfg))
+        self.flops_per_token = flops_per_token(args, d.seq_len)
         self.peak_flops = device_peak_flops(self.device)
 
     def log(self, message: str) -> None:
-        print(message, flush=True)
+        if self.rank == 0:
+            print(message, flush=True)
 
     # -- building ------------------------------------------------------------------------------
 
-    def _autocast_dtype(self) -> torch.dtype | None:
+    def _wants_bf16(self) -> bool:
         dtype = self.cfg.train.dtype
-        if dtype == "auto":
-            return torch.bfloat16 if self.device.type == "cuda" else None
-        return torch.bfloat16 if dtype == "bfloat16" else None
+        return dtype == "bfloat16" or (dtype == "auto" and self.device.type == "cuda")
+
+    def _validate(self, args: ModelArgs) -> None:
+        """Every check that needs no communication, so a bad layout fails on every rank alike."""
+        cfg, p = self.cfg, self.cfg.parallel
+        if self.tokenizer is not None and args.vocab_size < self.tokenizer.vocab_size:
+            raise UserError(
+                f"model.vocab_size: {args.vocab_size} is smaller than the tokenizer's "
+                f"vocabulary of {self.tokenizer.vocab_size}"
+            )
+        if cfg.data.seq_len > args.max_seq_len:
+            raise UserError(
+                f"data.seq_len: {cfg.data.seq_len} exceeds the model's context of "
+                f"{args.max_seq_len} tokens (model.max_seq_len)"
+            )
+        from parallm.distributed.pipeline import stages_per_rank
+
+        n_stages = self.dims.pp * stages_per_rank(p.pp_schedule, p.pp_virtual_stages)
+        self.dims.validate_model(
+            args,
+            seq_len=cfg.data.seq_len,
+            cp_mode=p.cp_mode,
+            n_stages=n_stages if self.dims.pp > 1 else 1,
+        )
+        if p.cpu_offload and (self.device.type != "cuda" or not self.dims.fsdp_enabled):
+            raise UserError(
+                "parallel.cpu_offload: true needs GPUs and FSDP (dp_shard, dp_replicate or cp > 1): "
+                f"it moves sharded GPU state to CPU memory; this run is on {self.device.type} "
+                f"with {'FSDP' if self.dims.fsdp_enabled else 'no FSDP'}"
+            )
+        t = cfg.train
+        if t.batch_size % self.dims.dp or (t.batch_size // self.dims.dp) % t.micro_batch_size:
+            raise UserError(
+                f"train.batch_size: {t.batch_size} must split into {self.dims.dp} data-parallel "
+                f"slices of whole micro-batches of train.micro_batch_size={t.micro_batch_size}"
+            )
+        if self.dims.pp > 1:
+            n_micro = p.pp_microbatches or n_stages
+            if n_micro < n_stages and p.pp_schedule in ("interleaved_1f1b", "dualpipev"):
+                raise UserError(
+                    f"parallel.pp_microbatches: {n_micro} is fewer than the {n_stages} pipeline "
+                    f"stages that pp_schedule={p.pp_schedule!r} needs"
+                )
+            if t.micro_batch_size % n_micro:
+                raise UserError(
+                    f"parallel.pp_microbatches: {n_micro} must divide "
+                    f"train.micro_batch_size={t.micro_batch_size} (each micro-batch is one "
+                    "pipeline step)"
+                )
 
     def _build_tokenizer(self, files: list[Path]) -> Tokenizer:
         cfg = self.cfg
         saved = self.out / "tokenizer"
         if cfg.tokenizer.train_vocab_size is not None:
-            if (saved / "tokenizer.json").exists():  # a resumed or repeated run reuses it
-                return Tokenizer.from_dir(saved)
-            texts = iter_texts(files, cfg.data.text_field)
-            tok = train_bpe_tokenizer(texts, cfg.tokenizer.train_vocab_size)
-            save_tokenizer_dir(tok, saved)
-            return tok
+            # Rank 0 trains (or reuses) it; the others wait and read the same files.
+            if self.rank == 0 and not (saved / "tokenizer.json").exists():
+                texts = iter_texts(files, cfg.data.text_field)
+                tok = train_bpe_tokenizer(texts, cfg.tokenizer.train_vocab_size)
+                save_tokenizer_dir(tok, saved)
+            if self.world > 1:
+                dist.barrier()
+            return Tokenizer.from_dir(saved)
         path = cfg.tokenizer.path or cfg.model.path
         if path is None:
             raise UserError(
@@ -164,20 +249,37 @@ class Trainer:
             )
         return Tokenizer.from_dir(path)
 
-    def _build_model(self) -> Transformer:
-        cfg = self.cfg
-        if cfg.model.path is not None:
-            return load_pretrained(cfg.model.path, dtype=torch.float32, device=self.device).train()
-        args = model_args_from_config(cfg, self.tokenizer.vocab_size)
-        args.bos_token_id = self.tokenizer.bos_token_id
-        args.eos_token_id = self.tokenizer.eos_token_id
-        args.pad_token_id = self.tokenizer.pad_token_id
-        with torch.device("meta"):
-            model = Transformer(args)
-        model.to_empty(device=self.device)
-        model.init_buffers(self.device)
-        model.init_weights(seed=cfg.train.seed)
-        return model.train()
+    def _log_start(self, files: list[Path], dataset: PackedDataset) -> None:
+        cfg, args, d = self.cfg, self.args, self.dims
+        self.log(
+            f"model: {args.architecture}, {args.num_params() / 1e6:.2f}M parameters "
+            f"({args.num_params(embeddings=False) / 1e6:.2f}M without embeddings) on "
+            f"{self.world} x {self.device.type}"
+        )
+        self.log(
+            f"layout: pp={d.pp} dp_replicate={d.dp_replicate} dp_shard={d.dp_shard} cp={d.cp} "
+            f"tp={d.tp}; zero_stage={cfg.parallel.zero_stage}"
+        )
+        epochs = cfg.train.steps * cfg.train.batch_size / len(dataset)
+        self.log(
+            f"data: {f'{len(files)} files' if files else 'random token ids'}, {len(dataset.tokens):,} tokens -> {len(dataset):,} "
+            f"samples of {cfg.data.seq_len} tokens; {cfg.train.steps} steps x "
+            f"{cfg.train.batch_size} samples = {epochs:.2f} epochs"
+        )
+        mine = state_bytes(self.model)
+        every = [mine]
+        if self.world > 1:
+            every = [None] * self.world
+            dist.all_gather_object(every, mine)
+        self.state_bytes = every
+        for r, b in enumerate(every):
+            self.log(
+                f"rank {r}: parameters {b['parameters']:,} B, gradients {b['gradients']:,} B, "
+                f"optimizer state {b['optimizer']:,} B"
+            )
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.out / "state_bytes.json", every)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -194,7 +296,7 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.ckpt_root)
         if path is None:
             raise UserError(f"--resume: no checkpoint found in {self.ckpt_root}")
-        state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        state = ckpt.load_checkpoint(path, self.model.parts, self.optimizer)
         self.data.load_state_dict(state["data"])
         self.step = state["step"]
         self.log(f"resumed from {path} at step {self.step}")
@@ -215,64 +317,52 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         micro_batches = self.data.next_batch()
-        total_loss = torch.zeros((), device=self.device)
-        tokens = 0
-        for inputs, labels in micro_batches:
-            inputs, labels = inputs.to(self.device), labels.to(self.device)
-            with self._autocast_ctx():
-                logits = self.model(inputs)
-            # Every micro-batch holds the same number of tokens (packed, no padding), so the
-            # mean of micro-batch means is the mean over the global batch.
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-            (loss / len(micro_batches)).backward()
-            total_loss += loss.detach() / len(micro_batches)
-            tokens += labels.numel()
-        grad_norm = clip_grad_norm(self.model, t.grad_clip)
+        loss = self.runner.forward_backward(micro_batches)
+        grad_norm = self.runner.clip_grad_norm(t.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
+        tokens = t.batch_size * self.cfg.data.seq_len
         record: dict[str, Any] = {
             "step": self.step,
-            "loss": total_loss.item(),
+            "loss": loss,
             "lr": lr,
-            "grad_norm": grad_norm.item(),
+            "grad_norm": grad_norm,
             "tokens": tokens,
             "tokens_per_s": tokens / elapsed,
+            "tokens_per_s_per_device": tokens / elapsed / self.world,
             "step_time_s": elapsed,
         }
         if self.peak_flops is not None:
-            record["mfu"] = tokens * self.flops_per_token / elapsed / self.peak_flops
+            record["mfu"] = tokens * self.flops_per_token / elapsed / self.peak_flops / self.world
         if self.device.type == "cuda":
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return record
-
-    def _autocast_ctx(self):
-        if self.autocast is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast)
 
     def fit(self, *, until_step: int | None = None) -> list[dict[str, Any]]:
         """Train to `train.steps` (or stop early after `until_step`); returns the step records."""
         cfg = self.cfg
         end = min(cfg.train.steps, until_step) if until_step is not None else cfg.train.steps
-        log = MetricsLog(self.out, resume_step=self.step)
-        progress = Progress(cfg.train.steps, self.step, cfg.train.log_every)
+        log = MetricsLog(self.out, resume_step=self.step) if self.rank == 0 else None
+        progress = Progress(cfg.train.steps, self.step, cfg.train.log_every, self.rank == 0)
         records = []
         try:
             while self.step < end:
                 record = self.train_step()
                 records.append(record)
-                log.write(record)
+                if log is not None:
+                    log.write(record)
                 progress.update(record)
                 every = cfg.checkpoint.every
                 if (every > 0 and self.step % every == 0) or self.step == cfg.train.steps:
                     self.save_checkpoint()
         finally:
             progress.close()
-            log.close()
+            if log is not None:
+                log.close()
         if self.step == cfg.train.steps and cfg.checkpoint.export_hf:
             self.export(self.out / "hf")
         return records
@@ -281,18 +371,43 @@ class Trainer:
         return ckpt.save_checkpoint(
             self.ckpt_root,
             self.step,
-            self.model,
+            self.model.parts,
             self.optimizer,
             self.trainer_state(),
             keep=self.cfg.checkpoint.keep,
         )
 
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Every parameter, gathered from all shards and stages; on rank 0 (None elsewhere)."""
+        leader = self.dims.coordinate("dp_cp") == 0 and self.dims.coordinate("tp") == 0
+        mine: dict[str, torch.Tensor] = {}
+        for part in self.model.parts:
+            for name, tensor in part.state_dict().items():
+                full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+                if leader:
+                    mine[canonical_name(name)] = full.detach().to("cpu", copy=True)
+        if self.world == 1:
+            return mine
+        gathered = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+        if self.rank != 0:
+            return None
+        state: dict[str, torch.Tensor] = {}
+        for part_state in gathered:
+            state.update(part_state)
+        return state
+
     def export(self, path: Path) -> Path:
-        """Write the current weights and the tokenizer as a HF directory."""
-        return save_pretrained(self.model, path, tokenizer=self.tokenizer)
+        """Write the current weights and the tokenizer as a HF directory (rank 0 writes)."""
+        state = self.full_state_dict()
+        if state is not None:
+            save_state_dict(state, self.args, path, tokenizer=self.tokenizer)
+        if self.world > 1:
+            dist.barrier()
+        return path
 
     def sample(self) -> str:
-        """Generate a sample from `[generate]` settings with the current weights."""
+        """Generate a sample from `[generate]` settings with the exported weights (rank 0)."""
         g = self.cfg.generate
         opts = SamplingOptions(
             max_tokens=g.max_tokens,
@@ -301,11 +416,15 @@ class Trainer:
             top_p=g.top_p,
             seed=self.cfg.train.seed,
         )
+        if self.world == 1:
+            model = self.model.parts[0]
+        else:
+            model = load_pretrained(self.out / "hf", device=self.device)
         prompt = self.tokenizer.encode(g.prompt)
-        self.model.eval()
-        ids = generate(self.model, prompt, opts, stop_token_ids=self.tokenizer.eos_token_ids)
-        self.model.train()
-        return g.prompt + self.tokenizer.decode(ids)
+        model.eval()
+        ids = generate(model, prompt, opts, stop_token_ids=self.tokenizer.eos_token_ids)
+        model.train()
+        return g.prompt + self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def summary(records: list[dict[str, Any]]) -> str:

@@ -11,6 +11,8 @@ dict adapter only adds or removes the `model.` prefix.
 from __future__ import annotations
 
 import math
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -157,6 +159,21 @@ class KVCache:
         return sdpa(q, k_all, v_all, attention_mask(positions, k_pos, sliding_window))
 
 
+def canonical_name(name: str) -> str:
+    """A parameter's name without wrapper prefixes (activation checkpointing, compile)."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+def initial_value(name: str, shape: tuple[int, ...], args: ModelArgs, seed: int) -> torch.Tensor:
+    """The initial value of parameter `name` (float32, CPU), a function of (seed, name) only."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.empty(shape).normal_(0.0, args.initializer_range, generator=gen)
+
+
 # ---------------------------------------------------------------------------------------------
 # Rotary embeddings
 
@@ -218,9 +235,6 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
 
 
 class Attention(nn.Module):
@@ -303,6 +317,9 @@ class Transformer(nn.Module):
         # Not persistent: recomputed from args, never part of a checkpoint.
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         self.default_backend: AttentionBackend = CausalAttention()
+        # Positions of the T tokens a forward without `positions` sees; context parallelism
+        # sets this so pipeline stages, which receive only hidden states, know them too.
+        self.position_fn: Callable[[int, torch.device], torch.Tensor] | None = None
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """Recompute non-persistent buffers, e.g. after building on `meta` and `to_empty`."""
@@ -310,19 +327,21 @@ class Transformer(nn.Module):
         self.inv_freq = rope_inv_freq(self.args, device=device)
 
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
-        """Random initialisation for training from scratch: N(0, initializer_range), like HF."""
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=self.inv_freq.device).manual_seed(seed)
-        std = self.args.initializer_range
-        for module in self.modules():
-            if isinstance(module, nn.Linear | nn.Embedding):
-                module.weight.normal_(0.0, std, generator=gen)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif isinstance(module, RMSNorm):
-                module.reset_parameters()
+    def init_weights(self, seed: int = 0, *, fill: Callable | None = None) -> None:
+        """Random initialisation for training from scratch, like HF: N(0, initializer_range)
+        for matrices, ones for norms, zeros for biases.
+
+        Each parameter's full value depends only on `seed` and its name, so a pipeline stage or
+        a sharded copy gets exactly the values of the whole model: `fill(param, full)` copies
+        the full value (float32, CPU) into `param`; a sharded layout passes a `fill` that keeps
+        only the local shard, so only one full parameter exists at a time.
+        """
+        fill = fill or (lambda param, full: param.copy_(full))
+        for name, param in self.named_parameters():
+            name = canonical_name(name)
+            if self.args.tie_embeddings and name == "lm_head.weight":  # a last pipeline stage
+                name = "embed_tokens.weight"
+            fill(param, initial_value(name, tuple(param.shape), self.args, seed))
 
     def forward(
         self,
@@ -339,7 +358,8 @@ class Transformer(nn.Module):
         h = self.embed_tokens(input_ids) if self.embed_tokens is not None else input_ids
         b, t = h.shape[:2]
         if positions is None:
-            positions = torch.arange(t, device=h.device).expand(b, t)
+            fn = self.position_fn or (lambda n, device: torch.arange(n, device=device))
+            positions = fn(t, h.device).expand(b, t)
         cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)
         backend = backend if backend is not None else self.default_backend
         for layer in self.layers.values():

@@ -1,0 +1,1 @@
+"""Parallelism applied to the models from outside: functions and attention backends."""
