@@ -23,7 +23,8 @@ from parallm.distributed.parallel_dims import ParallelDims
 from parallm.train.layout import RankModel
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def _value(t: torch.Tensor) -> torch.Tensor:
+    """A loss as a plain tensor (under loss_parallel it is a replicated DTensor)."""
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
@@ -109,7 +110,7 @@ class StepRunner:
                     logits = self.model.parts[0](inputs)
                 loss = self._loss(logits, labels)
                 loss.backward()
-            total += _local(loss.detach())
+            total += _value(loss.detach())
         if self.tied_sync is not None:
             self.tied_sync()
         return self._global_mean(total)
@@ -122,7 +123,7 @@ class StepRunner:
             self.schedule.step(*args, target=target, losses=losses)
         if not losses:
             return torch.zeros((), device=self.device)
-        return torch.stack([_local(x.detach()) for x in losses]).sum()
+        return torch.stack([_value(x.detach()) for x in losses]).sum()
 
     def _global_mean(self, local: torch.Tensor) -> float:
         if not dist.is_initialized():

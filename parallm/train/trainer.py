@@ -256,9 +256,10 @@ class Trainer:
             f"({args.num_params(embeddings=False) / 1e6:.2f}M without embeddings) on "
             f"{self.world} x {self.device.type}"
         )
+        zero = f"; zero_stage={cfg.parallel.zero_stage}" if d.fsdp_enabled else ""
         self.log(
             f"layout: pp={d.pp} dp_replicate={d.dp_replicate} dp_shard={d.dp_shard} cp={d.cp} "
-            f"tp={d.tp}; zero_stage={cfg.parallel.zero_stage}"
+            f"tp={d.tp}{zero}"
         )
         epochs = cfg.train.steps * cfg.train.batch_size / len(dataset)
         self.log(

@@ -352,8 +352,8 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """input_ids (B, T) token ids, or hidden states (B, T, dim) on a stage without embeddings.
 
-        positions (B, T) default to 0..T-1. Returns logits (B, T, vocab), or hidden states on a
-        stage without `lm_head`.
+        positions (B, T) default to 0..T-1, or to `position_fn(T)` when set (context parallelism).
+        Returns logits (B, T, vocab), or hidden states on a stage without `lm_head`.
         """
         h = self.embed_tokens(input_ids) if self.embed_tokens is not None else input_ids
         b, t = h.shape[:2]

@@ -35,9 +35,8 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from parallm.config import AC_MODES
 from parallm.models.llama.model import Transformer
-
-AC_MODES = ("none", "full", "selective")
 
 
 def apply_tp(model: Transformer, tp_mesh: DeviceMesh, *, loss_parallel: bool = True) -> None:
