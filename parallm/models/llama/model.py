@@ -349,11 +349,14 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         *,
         backend: AttentionBackend | None = None,
+        logit_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) token ids, or hidden states (B, T, dim) on a stage without embeddings.
 
         positions (B, T) default to 0..T-1, or to `position_fn(T)` when set (context parallelism).
         Returns logits (B, T, vocab), or hidden states on a stage without `lm_head`.
+        `logit_rows` (R,) keeps only those token indices before the output head, (B, R, vocab):
+        the serving engine needs the logits of one token per sequence, not of every prompt token.
         """
         h = self.embed_tokens(input_ids) if self.embed_tokens is not None else input_ids
         b, t = h.shape[:2]
@@ -364,6 +367,8 @@ class Transformer(nn.Module):
         backend = backend if backend is not None else self.default_backend
         for layer in self.layers.values():
             h = layer(h, cos, sin, positions, backend)
+        if logit_rows is not None:
+            h = h[:, logit_rows]
         if self.norm is not None:
             h = self.norm(h)
         return self.lm_head(h) if self.lm_head is not None else h

@@ -1,0 +1,63 @@
+"""Offline batch inference: `LLM(model=DIR).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from pathlib import Path
+
+from parallm.errors import UserError
+from parallm.inference.engine import EngineConfig, LLMEngine, RequestOutput
+from parallm.inference.sampling import SamplingParams
+
+
+class LLM:
+    """A model directory behind the continuous-batching engine.
+
+    `kv_cache_memory` is the KV cache's size in bytes (or, on a GPU, a fraction of the memory
+    free after loading); other keyword arguments are `EngineConfig` fields.
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        tensor_parallel_size: int = 1,
+        max_model_len: int | None = None,
+        kv_cache_memory: int | float | None = None,
+        **engine_kwargs,
+    ) -> None:
+        if tensor_parallel_size != 1:
+            raise UserError(
+                f"tensor_parallel_size: {tensor_parallel_size} is not supported yet; use 1"
+            )
+        config = EngineConfig(
+            max_model_len=max_model_len, kv_cache_memory=kv_cache_memory, **engine_kwargs
+        )
+        self.engine = LLMEngine(model, config)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | list[int] | Seq[str | list[int]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt (a string or a list of token ids) to completion; outputs in order.
+        A bad prompt gets an output with `error` set; the others are unaffected."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise UserError(
+                f"sampling_params: {len(params)} given for {len(prompts)} prompts; give one or one each"
+            )
+        ids = [f"req-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, params, strict=True):
+            self.engine.add_request(rid, prompt, p)
+        done: dict[str, RequestOutput] = {}
+        while len(done) < len(ids):
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[rid] for rid in ids]

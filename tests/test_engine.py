@@ -1,0 +1,118 @@
+"""The serving engine's greedy tokens equal `transformers`' greedy `generate` on the same weights.
+
+Ten prompts of 1 to 200 tokens with different `max_tokens`, some sharing long prefixes, run as
+one continuous batch: with prefix caching and chunked prefill on and off, and with a KV cache so
+small that sequences are preempted and recomputed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_models import save_hf_model
+
+from parallm.inference.engine import EngineConfig, LLMEngine
+from parallm.inference.llm import LLM
+from parallm.inference.sampling import SamplingParams
+from parallm.tokenizer import train_bpe_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+LENGTHS = [1, 5, 17, 40, 64, 99, 128, 150, 200, 33]
+MAX_TOKENS = [12, 3, 20, 7, 16, 1, 9, 14, 5, 11]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("engine")
+    texts = ["def add(a, b):\n    return a + b\n", "for x in items:\n    print(x)\n"] * 10
+    tok = train_bpe_tokenizer(iter(texts), vocab_size=280)
+    ref = save_hf_model("mistral", d, vocab_size=tok.vocab_size)  # sliding window 7 too
+    tok.save(d)
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randint(3, tok.vocab_size, (130,), generator=g).tolist()
+    prompts = []
+    for i, n in enumerate(LENGTHS):
+        if i in (6, 7):  # long prompts sharing a 130-token prefix with each other
+            prompts.append((shared + torch.randint(3, 200, (n,), generator=g).tolist())[:n])
+        else:
+            prompts.append(torch.randint(3, tok.vocab_size, (n,), generator=g).tolist())
+    expected = []
+    for prompt, m in zip(prompts, MAX_TOKENS, strict=True):
+        out = ref.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=m,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        )
+        expected.append(out[0, len(prompt) :].tolist())
+    return d, prompts, expected
+
+
+@pytest.mark.parametrize(
+    "prefix, chunked, kv_blocks",
+    [(True, True, None), (False, False, None), (True, True, 32), (False, True, 32)],
+    ids=["prefix+chunked", "plain", "preempt+prefix", "preempt"],
+)
+def test_greedy_equals_transformers(model_dir, prefix, chunked, kv_blocks):
+    d, prompts, expected = model_dir
+    engine = LLMEngine(
+        d,
+        EngineConfig(
+            block_size=8,
+            max_num_batched_tokens=64 if chunked else 256,
+            enable_prefix_caching=prefix,
+            enable_chunked_prefill=chunked,
+            kv_cache_memory=None if kv_blocks is None else _bytes_for_blocks(d, kv_blocks, 8),
+        ),
+    )
+    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in MAX_TOKENS]
+    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        engine.add_request(str(i), prompt, p)
+    got: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                assert out.error is None, out.error
+                got[out.request_id] = out.outputs[0].token_ids
+                assert out.outputs[0].finish_reason == "length"
+    assert [got[str(i)] for i in range(len(prompts))] == expected
+    bm = engine.scheduler.block_manager
+    assert bm.num_free_blocks == engine.runner.pool.num_blocks  # every block back in the pool
+    if prefix and kv_blocks is None:
+        assert bm.prefix_hits > 0
+    if kv_blocks is not None:  # 32 blocks of 8 hold a quarter of the batch: preemption happened
+        assert engine.scheduler.num_preemptions > 0
+
+
+def _bytes_for_blocks(d, blocks: int, block_size: int) -> int:
+    import parallm
+    from parallm.inference.paged_attention import KVPool
+
+    args = parallm.models.hf.read_args(d)
+    return blocks * KVPool.bytes_per_block(args, block_size, args.n_kv_heads, torch.float32)
+
+
+def test_llm_api_text_seeds_and_bad_requests(model_dir):
+    d, prompts, _ = model_dir
+    llm = LLM(d, dtype="float32")
+    sampled = SamplingParams(max_tokens=8, temperature=1.0, top_k=20, seed=3, n=2)
+    outs = llm.generate(
+        ["def add(a, b):", prompts[2], [], [10**6]],
+        [sampled, SamplingParams(max_tokens=4, temperature=0), sampled, sampled],
+    )
+    assert (
+        len(outs[0].outputs) == 2 and outs[0].outputs[0].token_ids != outs[0].outputs[1].token_ids
+    )
+    assert outs[0].outputs[0].text == llm.tokenizer.decode(
+        outs[0].outputs[0].token_ids, skip_special_tokens=True
+    )
+    assert outs[2].error and "empty" in outs[2].error
+    assert outs[3].error and "outside the vocabulary" in outs[3].error
+    again = llm.generate("def add(a, b):", sampled)[0]
+    assert [o.token_ids for o in again.outputs] == [o.token_ids for o in outs[0].outputs]
+    too_long = llm.generate([list(range(3, 200)) * 3], SamplingParams(max_tokens=4))[0]
+    assert too_long.error is not None and "591" in too_long.error  # never silently truncated
+    assert too_long.outputs[0].token_ids == []
