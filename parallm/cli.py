@@ -41,45 +41,54 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import torch
+    from parallm.inference.llm import LLM
+    from parallm.inference.sampling import SamplingParams
 
-    from parallm.generate import SamplingOptions, generate_tokens
-    from parallm.models.hf import load_pretrained
-    from parallm.tokenizer import Tokenizer
-
-    opts = SamplingOptions(
+    params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
     )
-    model = load_pretrained(args.model, dtype=args.dtype, device=args.device)
-    tokenizer = Tokenizer.from_dir(args.model)
-    if args.chat:
-        messages = [{"role": "user", "content": args.prompt}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        prompt = tokenizer.encode(text, add_special_tokens=False)
-    else:
-        prompt = tokenizer.encode(args.prompt)
-    out: list[int] = []
-    shown = ""
-    with torch.inference_mode():
-        for token in generate_tokens(model, prompt, opts, stop_token_ids=tokenizer.eos_token_ids):
-            out.append(token)
-            text = tokenizer.decode(out, skip_special_tokens=True)
-            # Print only whole characters: a partial UTF-8 sequence decodes to U+FFFD.
-            if not text.endswith("\ufffd"):
+    llm = LLM(
+        args.model,
+        tensor_parallel_size=args.tensor_parallel_size,
+        dtype=args.dtype,
+        device=args.device,
+        max_num_seqs=1,
+    )
+    try:
+        prompt: str | list[int] = args.prompt
+        if args.chat:
+            messages = [{"role": "user", "content": args.prompt}]
+            text = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            prompt = llm.tokenizer.encode(text, add_special_tokens=False)
+        engine = llm.engine
+        engine.add_request("cli", prompt, params)
+        shown = ""
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.error:
+                    raise UserError(out.error)
+                text = out.outputs[0].text  # whole characters only, stop strings held back
                 sys.stdout.write(text[len(shown) :])
                 sys.stdout.flush()
                 shown = text
-    sys.stdout.write(tokenizer.decode(out, skip_special_tokens=True)[len(shown) :] + "\n")
+        sys.stdout.write("\n")
+    finally:
+        if hasattr(llm, "close"):
+            llm.close()
     return 0
 
 
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
-    if args.what != "train":
-        raise UserError(f"bench: {args.what!r} is not a benchmark; valid: train")
+    if args.what not in ("train", "infer"):
+        raise UserError(f"bench: {args.what!r} is not a benchmark; valid: train, infer")
+    if args.what == "infer":
+        from parallm.bench import infer
+
+        return infer.main(rest)
     from parallm.bench import train as bench_train
 
     parsed = bench_train.parser().parse_args(rest)
@@ -128,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default=None, help="float32 | bfloat16 | float16 (default: model's)"
     )
     gen.add_argument("--device", default=None, help="cpu | cuda (default: cpu)")
+    gen.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="processes sharing the model"
+    )
     plan = sub.add_parser(
         "plan",
         help="predict memory and communication per layout; recommend the fastest that fits",
@@ -142,10 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="benchmarks: train (see `parallm bench train --help`)",
+        help="benchmarks: train, infer (see `parallm bench train --help`)",
         add_help=False,
     )
-    bench.add_argument("what", help="train")
+    bench.add_argument("what", help="train | infer")
     return parser
 
 
