@@ -116,3 +116,54 @@ def test_llm_api_text_seeds_and_bad_requests(model_dir):
     too_long = llm.generate([list(range(3, 200)) * 3], SamplingParams(max_tokens=4))[0]
     assert too_long.error is not None and "591" in too_long.error  # never silently truncated
     assert too_long.outputs[0].token_ids == []
+
+
+def test_stop_strings_logprobs_abort_and_length_errors(model_dir):
+    d, prompts, _ = model_dir
+    engine = LLMEngine(d, EngineConfig(block_size=8))
+    free = engine.scheduler.block_manager.num_free_blocks
+    # Greedy text of one prompt, then a stop string taken from the middle of it.
+    engine.add_request(
+        "full", prompts[3], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    )
+    full = _run(engine)["full"].outputs[0]
+    text = full.text
+    assert len(text) > 6, text
+    stop = text[3:6]
+    engine.add_request(
+        "stop",
+        prompts[3],
+        SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=[stop]),
+    )
+    engine.add_request(
+        "lp", prompts[3], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=2)
+    )
+    engine.add_request("gone", prompts[5], SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.add_request("long", prompts[0], SamplingParams(max_tokens=10_000))
+    first = {o.request_id: o for o in engine.step() if o.finished}  # errors come back at once
+    engine.abort_request("gone")
+    outs = {**first, **_run(engine)}
+    stopped = outs["stop"].outputs[0]
+    assert stopped.finish_reason == "stop" and stopped.text == text[: text.index(stop)]
+    assert outs["gone"].outputs[0].finish_reason == "abort"
+    assert outs["long"].error and "10000" in outs["long"].error.replace(",", "")
+    lp = outs["lp"].outputs[0]
+    model = engine.model
+    with torch.no_grad():
+        ref = model(torch.tensor([prompts[3] + lp.token_ids]))[0].float().log_softmax(-1)
+    n = len(prompts[3])
+    for i, entry in enumerate(lp.logprobs):
+        token = lp.token_ids[i]
+        assert entry["token_id"] == token
+        assert entry["logprob"] == pytest.approx(ref[n - 1 + i, token].item(), abs=1e-4)
+        assert len(entry["top"]) == 2
+    assert engine.scheduler.block_manager.num_free_blocks == free
+
+
+def _run(engine) -> dict:
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
