@@ -109,6 +109,28 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_KEYS_DB = "~/.parallm/keys.db"
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from parallm.serve.keystore import KeyStore, format_keys, format_usage, parse_since
+
+    with KeyStore(args.db) as store:
+        if args.action == "create":
+            info, secret = store.create(args.name, rpm=args.rpm, tpm=args.tpm)
+            print(f"created {info.id} ({info.name}); the key is shown once, store it now:")
+            print(secret)
+        elif args.action == "list":
+            print(format_keys(store.list()))
+        elif args.action == "revoke":
+            info = store.revoke(args.id)
+            print(f"revoked {info.id} ({info.name})")
+        else:
+            since = parse_since(args.since) if args.since else None
+            print(format_usage(store.usage(since=since)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="parallm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -152,6 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--micro-batch", type=int, default=1)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
 
+    keys = sub.add_parser("keys", help="API keys of the server: create, list, revoke, usage")
+    keys_sub = keys.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    db_help = f"key database: a SQLite path or a SQLAlchemy URL (default {DEFAULT_KEYS_DB})"
+    create = keys_sub.add_parser("create", help="create a key (printed once)")
+    create.add_argument("--name", required=True)
+    create.add_argument("--rpm", type=int, default=None, help="requests per minute limit")
+    create.add_argument("--tpm", type=int, default=None, help="tokens per minute limit")
+    listing = keys_sub.add_parser("list", help="list keys (prefixes only)")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("id")
+    usage = keys_sub.add_parser("usage", help="prompt and completion tokens per key")
+    usage.add_argument("--since", default=None, help="ISO date/time or an age: 24h, 7d")
+    for p in (create, listing, revoke, usage):
+        p.add_argument("--db", default=DEFAULT_KEYS_DB, help=db_help)
+
     bench = sub.add_parser(
         "bench",
         help="benchmarks: train, infer (see `parallm bench train --help`)",
@@ -174,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "plan":
             return _plan(args)
+        if args.command == "keys":
+            return _keys(args)
         return _generate(args)
     except UserError as e:
         print(f"parallm: error: {e}", file=sys.stderr)
