@@ -77,8 +77,7 @@ def _generate(args: argparse.Namespace) -> int:
                 shown = text
         sys.stdout.write("\n")
     finally:
-        if hasattr(llm, "close"):
-            llm.close()
+        llm.close()
     return 0
 
 

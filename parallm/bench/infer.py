@@ -97,8 +97,7 @@ def run_parallm(model_dir: Path, prompts, outputs, args) -> float:
     elapsed = time.perf_counter() - start
     got = [len(r.outputs[0].token_ids) for r in results]
     assert got == outputs, "parallm generated a different number of tokens than requested"
-    if hasattr(llm, "close"):
-        llm.close()
+    llm.close()
     return elapsed
 
 

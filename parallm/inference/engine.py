@@ -5,6 +5,10 @@ sequences that reached their last token, lets the scheduler advance them (stop t
 and detokenizes incrementally (stop strings). Requests can be added and aborted between steps,
 which is all an asynchronous front end (the HTTP server) needs. A bad request never stops the
 engine: it finishes at once with an `error` and the other requests go on.
+
+With `tensor_parallel_size` N > 1 this process is rank 0 of N (see `tp.py`): it keeps the
+scheduler, the sampler and the detokenizers, and every rank runs each step on its shard of the
+model and of the KV cache. `close()` stops the other ranks.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from parallm.distributed.parallel_dims import ParallelDims
 from parallm.errors import UserError
 from parallm.inference.detokenizer import IncrementalDetokenizer
 from parallm.inference.model_runner import GiB, ModelRunner, blocks_for_budget, local_kv_heads
@@ -22,14 +27,19 @@ from parallm.inference.paged_attention import KVPool
 from parallm.inference.sampling import Sampler, SamplingParams, make_generator
 from parallm.inference.scheduler import Scheduler, SchedulerConfig
 from parallm.inference.sequence import Sequence
-from parallm.models.hf import load_pretrained
+from parallm.inference.tp import TPGroup
+from parallm.inference.tp_model import load_sharded
+from parallm.models.hf import load_pretrained, read_args
+from parallm.models.llama.model import ModelArgs, Transformer
 from parallm.tokenizer import Tokenizer
 
 
 @dataclass(kw_only=True)
 class EngineConfig:
     """How the engine sizes its cache and batches. `kv_cache_memory`: bytes for the KV cache
-    (an int), or on a GPU a fraction (0, 1] of the memory free after loading the model."""
+    (an int), or on a GPU a fraction (0, 1] of the memory free after loading the model; with
+    tensor parallelism it is per rank, each rank caching its share of the KV heads.
+    `tensor_parallel_size`: processes (GPUs: cuda:0..N-1) the model is sharded over."""
 
     max_model_len: int | None = None  # default: the model's context
     kv_cache_memory: int | float | None = None
@@ -40,9 +50,15 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     dtype: str | None = None
     device: str | None = None
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in (
+            "block_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "tensor_parallel_size",
+        ):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}: {getattr(self, name)} is not valid; must be >= 1")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
@@ -81,29 +97,114 @@ class _Request:
     error: str | None = None
 
 
+def _check_tensor_parallel(config: EngineConfig, args: ModelArgs) -> str:
+    """Check `tensor_parallel_size` against the model and the machine; the device type."""
+    size = config.tensor_parallel_size
+    try:  # seq_len: a step's token count varies and is never split over the ranks in serving
+        ParallelDims(tp=size, dp_shard=1, world_size=size).validate_model(
+            args, seq_len=size, cp_mode="ring", n_stages=1
+        )
+    except UserError as e:  # "parallel.tp: 3 must divide ..." names the training field
+        raise UserError(f"tensor_parallel_size: {str(e).split(': ', 1)[1]}") from None
+    device_type = torch.device(config.device or "cpu").type
+    if device_type == "cuda" and size > torch.cuda.device_count():
+        raise UserError(
+            f"tensor_parallel_size: {size} needs {size} GPUs; {torch.cuda.device_count()} visible"
+        )
+    return device_type
+
+
+def _build_runner(
+    model_dir: str | Path, config: EngineConfig, max_model_len: int, tp: TPGroup | None
+) -> ModelRunner:
+    """Load this rank's model (whole, or its tensor-parallel shard) and size its KV cache."""
+    if tp is None:
+        model = load_pretrained(model_dir, dtype=config.dtype, device=config.device).eval()
+    else:
+        model = load_sharded(model_dir, tp.mesh, tp.device, config.dtype)
+    budget, blocks = _kv_cache_blocks(model, config, max_model_len)
+    if tp is not None:  # free GPU memory may differ per rank; the block tables are shared
+        blocks = tp.agree_min(blocks)
+    if blocks < 1:
+        raise UserError(
+            f"kv_cache_memory: {budget} bytes hold no KV block of {config.block_size} tokens"
+        )
+    return ModelRunner(model, num_blocks=blocks, block_size=config.block_size, tp=tp)
+
+
+def _run_worker(
+    tp: TPGroup, model_dir: str | Path, config: EngineConfig, max_model_len: int
+) -> None:
+    """A spawned tensor-parallel worker: load the shard, then run rank 0's steps until it stops."""
+    _build_runner(model_dir, config, max_model_len, tp).follow()
+
+
+def _kv_cache_blocks(
+    model: Transformer, config: EngineConfig, max_model_len: int
+) -> tuple[int, int]:
+    """The KV cache budget in bytes of this rank, and how many blocks it holds."""
+    c = config
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    if isinstance(c.kv_cache_memory, float) and c.kv_cache_memory <= 1:
+        if device.type != "cuda":
+            raise UserError("kv_cache_memory: a fraction needs a GPU; give bytes on CPU")
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * c.kv_cache_memory)
+    elif c.kv_cache_memory is not None:
+        budget = int(c.kv_cache_memory)
+    elif device.type == "cuda":
+        budget = int(torch.cuda.mem_get_info(device)[0] * 0.8)
+    else:
+        # CPU: room for max_num_seqs full contexts, at most 1 GiB.
+        per_token = KVPool.bytes_per_block(model.args, 1, local_kv_heads(model), dtype)
+        budget = min(GiB, c.max_num_seqs * max_model_len * per_token)
+    return budget, blocks_for_budget(model, budget, c.block_size, dtype)
+
+
 class LLMEngine:
-    """Continuous batching over a paged KV cache for one model directory."""
+    """Continuous batching over a paged KV cache for one model directory.
+
+    With `tensor_parallel_size` N > 1 the engine starts N - 1 worker processes, or, in a process
+    group of N processes (torchrun), uses them: there the constructor of ranks > 0 runs rank 0's
+    steps and returns only once rank 0 closes its engine (`is_driver` is then False).
+    """
 
     def __init__(self, model: str | Path, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
-        self.model = load_pretrained(model, dtype=config.dtype, device=config.device).eval()
-        self.tokenizer = Tokenizer.from_dir(model)
-        args = self.model.args
+        args = read_args(model)
         self.max_model_len = config.max_model_len or args.max_seq_len
         if self.max_model_len > args.max_seq_len:
             raise UserError(
                 f"max_model_len: {self.max_model_len} exceeds the model's context of "
                 f"{args.max_seq_len} tokens"
             )
-        num_blocks = self._num_blocks()
-        self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=config.block_size)
+        self.tp: TPGroup | None = None
+        if config.tensor_parallel_size > 1:  # a size that does not fit fails before any spawn
+            device_type = _check_tensor_parallel(config, args)
+            serve_args = (model, config, self.max_model_len)
+            self.tp = TPGroup.start(
+                config.tensor_parallel_size, device_type, _run_worker, serve_args
+            )
+        try:
+            self.runner = _build_runner(model, config, self.max_model_len, self.tp)
+            self.tokenizer = Tokenizer.from_dir(model)  # after the weights: their errors first
+            if not self.is_driver:
+                self.runner.follow()
+        except BaseException:
+            self.close()
+            raise
+        self.model = self.runner.model
+        if not self.is_driver:
+            self.close()
+            return
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 max_model_len=self.max_model_len,
                 block_size=config.block_size,
-                num_blocks=num_blocks,
+                num_blocks=self.runner.pool.num_blocks,
                 enable_prefix_caching=config.enable_prefix_caching,
                 enable_chunked_prefill=config.enable_chunked_prefill,
             )
@@ -113,31 +214,15 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._by_seq: dict[int, _Request] = {}
 
-    def _num_blocks(self) -> int:
-        c = self.config
-        device = next(self.model.parameters()).device
-        dtype = next(self.model.parameters()).dtype
-        if isinstance(c.kv_cache_memory, float) and c.kv_cache_memory <= 1:
-            if device.type != "cuda":
-                raise UserError("kv_cache_memory: a fraction needs a GPU; give bytes on CPU")
-            free, _ = torch.cuda.mem_get_info(device)
-            budget = int(free * c.kv_cache_memory)
-        elif c.kv_cache_memory is not None:
-            budget = int(c.kv_cache_memory)
-        elif device.type == "cuda":
-            budget = int(torch.cuda.mem_get_info(device)[0] * 0.8)
-        else:
-            # CPU: room for max_num_seqs full contexts, at most 1 GiB.
-            per_token = KVPool.bytes_per_block(
-                self.model.args, 1, local_kv_heads(self.model), dtype
-            )
-            budget = min(GiB, c.max_num_seqs * self.max_model_len * per_token)
-        blocks = blocks_for_budget(self.model, budget, c.block_size, dtype)
-        if blocks < 1:
-            raise UserError(
-                f"kv_cache_memory: {budget} bytes hold no KV block of {c.block_size} tokens"
-            )
-        return blocks
+    @property
+    def is_driver(self) -> bool:
+        """True on rank 0, which schedules and samples (always, without tensor parallelism)."""
+        return self.tp is None or self.tp.rank == 0
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do on one process). Idempotent."""
+        if self.tp is not None:
+            self.tp.close()
 
     # -- requests ------------------------------------------------------------------------------
 

@@ -15,6 +15,11 @@ class LLM:
 
     `kv_cache_memory` is the KV cache's size in bytes (or, on a GPU, a fraction of the memory
     free after loading); other keyword arguments are `EngineConfig` fields.
+
+    `tensor_parallel_size` N > 1 shards the model over N processes: this one and N - 1 it
+    spawns (so a script must guard its entry point with `if __name__ == "__main__":`), or the
+    N of a torchrun launch, where `LLM(...)` on ranks > 0 serves rank 0 until rank 0 closes it.
+    Close the LLM (`close()`, or use it as a context manager) to stop the workers.
     """
 
     def __init__(
@@ -26,15 +31,24 @@ class LLM:
         kv_cache_memory: int | float | None = None,
         **engine_kwargs,
     ) -> None:
-        if tensor_parallel_size != 1:
-            raise UserError(
-                f"tensor_parallel_size: {tensor_parallel_size} is not supported yet; use 1"
-            )
         config = EngineConfig(
-            max_model_len=max_model_len, kv_cache_memory=kv_cache_memory, **engine_kwargs
+            tensor_parallel_size=tensor_parallel_size,
+            max_model_len=max_model_len,
+            kv_cache_memory=kv_cache_memory,
+            **engine_kwargs,
         )
         self.engine = LLMEngine(model, config)
         self.tokenizer = self.engine.tokenizer
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (the LLM cannot generate after that)."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def generate(
         self,
@@ -43,6 +57,8 @@ class LLM:
     ) -> list[RequestOutput]:
         """Run every prompt (a string or a list of token ids) to completion; outputs in order.
         A bad prompt gets an output with `error` set; the others are unaffected."""
+        if not self.engine.is_driver:
+            raise RuntimeError("only rank 0 generates; this rank served it until it closed")
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()

@@ -2,15 +2,26 @@
 
 The step's tokens (prompt chunks and single decode tokens of every scheduled sequence) are one
 flat (1, N) batch; only sequences whose last token is in this step get a logits row.
+
+With tensor parallelism every rank runs the same step on its shard: rank 0 `prepare`s the step
+from its sequences and sends the resulting `StepInputs` to the other ranks (`execute`), which
+receive and run them in `follow`. The inputs are plain lists of ints, so they travel as one
+tensor and the workers never see a `Sequence`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from parallm.inference.paged_attention import KVPool, PagedAttention, StepMetadata
 from parallm.inference.sequence import Sequence
 from parallm.models.llama.model import Transformer
+
+if TYPE_CHECKING:
+    from parallm.inference.tp import TPGroup
 
 GiB = 2**30
 
@@ -29,14 +40,36 @@ def blocks_for_budget(model: Transformer, budget_bytes: int, block_size: int, dt
     return int(budget_bytes // per_block)
 
 
-class ModelRunner:
-    """Owns the KV pool and the paged backend; `execute` runs one step."""
+@dataclass
+class StepInputs:
+    """Everything a rank needs to run one step. B sequences, N = sum(lengths) tokens."""
 
-    def __init__(self, model: Transformer, *, num_blocks: int, block_size: int) -> None:
+    token_ids: list[int]  # (N,) the new tokens, sequence after sequence
+    starts: list[int]  # (B,) first position each sequence computes
+    lengths: list[int]  # (B,) how many tokens it computes
+    block_tables: list[list[int]]  # (B, ceil(context / block_size)) the blocks in use
+    logit_rows: list[int]  # (R,) flat indices of the tokens whose logits are sampled
+
+
+class ModelRunner:
+    """Owns the KV pool and the paged backend; `execute` runs one step.
+
+    `tp`: the tensor-parallel group when the model is a shard (rank 0 sends each step to it).
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        *,
+        num_blocks: int,
+        block_size: int,
+        tp: TPGroup | None = None,
+    ) -> None:
         self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.block_size = block_size
+        self.tp = tp
         self.pool = KVPool(
             model.args,
             num_blocks=num_blocks,
@@ -47,30 +80,53 @@ class ModelRunner:
         )
         self.backend = PagedAttention(self.pool)
 
-    @torch.inference_mode()
     def execute(
         self, seqs: list[Sequence], num_new_tokens: list[int]
     ) -> tuple[torch.Tensor | None, list[Sequence]]:
         """Compute the step; returns float32 logits (R, vocab) for the R sequences that reach
         their last token this step (to be sampled), in order, and those sequences."""
-        starts = [s.num_computed_tokens for s in seqs]
-        ids, positions, rows, sampled = [], [], [], []
+        step, sampled = self.prepare(seqs, num_new_tokens)
+        if self.tp is not None:
+            self.tp.send_step(step)
+        return self.run(step), sampled
+
+    def prepare(
+        self, seqs: list[Sequence], num_new_tokens: list[int]
+    ) -> tuple[StepInputs, list[Sequence]]:
+        """The step's inputs, and the sequences that reach their last token (to be sampled)."""
+        step = StepInputs([], [], list(num_new_tokens), [], [])
+        sampled = []
         offset = 0
-        for seq, start, n in zip(seqs, starts, num_new_tokens, strict=True):
-            ids.extend(seq.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
+        for seq, n in zip(seqs, num_new_tokens, strict=True):
+            start = seq.num_computed_tokens
+            step.token_ids.extend(seq.token_ids[start : start + n])
+            step.starts.append(start)
+            # Only the blocks holding positions [0, start + n): the rest may be pre-allocated.
+            step.block_tables.append(seq.block_table[: -(-(start + n) // self.block_size)])
             offset += n
             if start + n == seq.num_tokens:  # the step ends at the sequence's last token
-                rows.append(offset - 1)
+                step.logit_rows.append(offset - 1)
                 sampled.append(seq)
+        return step, sampled
+
+    @torch.inference_mode()
+    def run(self, step: StepInputs) -> torch.Tensor | None:
+        """Run the model on `step`: float32 logits (R, vocab), or None when R = 0 (prompt chunks
+        that do not finish their prompt only fill the cache)."""
+        positions = [
+            p for s, n in zip(step.starts, step.lengths, strict=True) for p in range(s, s + n)
+        ]
         self.backend.metadata = StepMetadata.build(
-            starts, num_new_tokens, [s.block_table for s in seqs], self.block_size, self.device
+            step.starts, step.lengths, step.block_tables, self.block_size, self.device
         )
-        input_ids = torch.tensor([ids], device=self.device)
-        pos = torch.tensor([positions], device=self.device)
-        if not rows:  # only prompt chunks that do not finish their prompt: fill the cache
-            self.model(input_ids, pos, backend=self.backend, logit_rows=pos.new_zeros(0))
-            return None, []
-        logit_rows = torch.tensor(rows, device=self.device)
-        logits = self.model(input_ids, pos, backend=self.backend, logit_rows=logit_rows)[0]
-        return logits.float(), sampled
+        input_ids = torch.tensor([step.token_ids], device=self.device)  # (1, N)
+        pos = torch.tensor([positions], device=self.device)  # (1, N)
+        rows = torch.tensor(step.logit_rows, dtype=torch.long, device=self.device)  # (R,)
+        logits = self.model(input_ids, pos, backend=self.backend, logit_rows=rows)[0]
+        return logits.float() if step.logit_rows else None
+
+    def follow(self) -> None:
+        """On a tensor-parallel worker: run rank 0's steps until it stops the group."""
+        assert self.tp is not None and self.tp.rank != 0, "only a worker rank follows"
+        while (step := self.tp.recv_step()) is not None:
+            self.run(step)
