@@ -65,3 +65,30 @@ def save_hf_model(name: str, path: Path, seed: int = 0, **overrides):
     model = make_hf_model(name, seed, **overrides)
     model.save_pretrained(path)
     return model
+
+
+CODE_TEXTS = ["def add(a, b):\n    return a + b\n", "for x in items:\n    print(x)\n"] * 10
+
+
+def save_hf_model_with_tokenizer(name: str, path: Path, seed: int = 0):
+    """A random `transformers` model of `name` saved with a byte-level BPE tokenizer whose
+    vocabulary is the model's; returns (model, tokenizer)."""
+    from parallm.tokenizer import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(iter(CODE_TEXTS), vocab_size=280)
+    ref = save_hf_model(name, path, seed, vocab_size=tok.vocab_size)
+    tok.save(path)
+    return ref, tok
+
+
+def greedy_reference(model, prompt: list[int], max_new_tokens: int, eos_token_id=None) -> list[int]:
+    """`transformers` greedy `generate` for one prompt: the generated ids only."""
+    out = model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos_token_id,
+        pad_token_id=0,
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+    )
+    return out[0, len(prompt) :].tolist()

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import save_hf_model
+from hf_models import greedy_reference, save_hf_model_with_tokenizer
 
 from parallm.inference.engine import EngineConfig, LLMEngine
 from parallm.inference.llm import LLM
 from parallm.inference.sampling import SamplingParams
-from parallm.tokenizer import train_bpe_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,10 +24,7 @@ MAX_TOKENS = [12, 3, 20, 7, 16, 1, 9, 14, 5, 11]
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("engine")
-    texts = ["def add(a, b):\n    return a + b\n", "for x in items:\n    print(x)\n"] * 10
-    tok = train_bpe_tokenizer(iter(texts), vocab_size=280)
-    ref = save_hf_model("mistral", d, vocab_size=tok.vocab_size)  # sliding window 7 too
-    tok.save(d)
+    ref, tok = save_hf_model_with_tokenizer("mistral", d)  # sliding window 7 too
     g = torch.Generator().manual_seed(5)
     shared = torch.randint(3, tok.vocab_size, (130,), generator=g).tolist()
     prompts = []
@@ -37,17 +33,7 @@ def model_dir(tmp_path_factory):
             prompts.append((shared + torch.randint(3, 200, (n,), generator=g).tolist())[:n])
         else:
             prompts.append(torch.randint(3, tok.vocab_size, (n,), generator=g).tolist())
-    expected = []
-    for prompt, m in zip(prompts, MAX_TOKENS, strict=True):
-        out = ref.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=m,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        )
-        expected.append(out[0, len(prompt) :].tolist())
+    expected = [greedy_reference(ref, p, m) for p, m in zip(prompts, MAX_TOKENS, strict=True)]
     return d, prompts, expected
 
 

@@ -19,13 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_models import save_hf_model
+from hf_models import greedy_reference, save_hf_model_with_tokenizer
 
 from parallm.errors import UserError
 from parallm.inference.llm import LLM
 from parallm.inference.sampling import SamplingParams
 from parallm.testing.distributed import run_distributed
-from parallm.tokenizer import train_bpe_tokenizer
 
 LENGTHS = [1, 5, 17, 40, 64, 99, 128, 150, 200, 33]
 MAX_TOKENS = [12, 3, 20, 7, 16, 1, 9, 14, 5, 11]
@@ -37,23 +36,10 @@ def model_dir(tmp_path_factory):
     """A Qwen3 model (q/k norms over sharded heads; 8 heads, 2 KV heads) and its greedy tokens."""
     pytest.importorskip("transformers")
     d = tmp_path_factory.mktemp("engine_tp")
-    texts = ["def add(a, b):\n    return a + b\n", "for x in items:\n    print(x)\n"] * 10
-    tok = train_bpe_tokenizer(iter(texts), vocab_size=280)
-    ref = save_hf_model("qwen3", d, vocab_size=tok.vocab_size)
-    tok.save(d)
+    ref, tok = save_hf_model_with_tokenizer("qwen3", d)
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(3, tok.vocab_size, (n,), generator=g).tolist() for n in LENGTHS]
-    expected = []
-    for prompt, m in zip(prompts, MAX_TOKENS, strict=True):
-        out = ref.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=m,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        )
-        expected.append(out[0, len(prompt) :].tolist())
+    expected = [greedy_reference(ref, p, m) for p, m in zip(prompts, MAX_TOKENS, strict=True)]
     return d, prompts, expected
 
 

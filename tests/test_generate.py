@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import save_hf_model
+from hf_models import greedy_reference, save_hf_model, save_hf_model_with_tokenizer
 
 import parallm
 from parallm.errors import UserError
@@ -24,15 +24,7 @@ def test_greedy_equals_transformers(variant, tmp_path):
     ref = save_hf_model(variant, tmp_path)
     model = parallm.load_pretrained(tmp_path, dtype=torch.float32)
     for prompt in _prompts(model.args.vocab_size):
-        out = ref.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=24,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        )
-        expected = out[0, len(prompt) :].tolist()
+        expected = greedy_reference(ref, prompt, 24)
         got = generate(model, prompt, SamplingOptions(max_tokens=24))
         assert got == expected, (variant, len(prompt))
 
@@ -94,23 +86,13 @@ def test_bad_sampling_options(opts):
 
 def test_cli_generate_greedy_equals_transformers(tmp_path, capsys):
     from parallm.cli import main
-    from parallm.tokenizer import Tokenizer, train_bpe_tokenizer
+    from parallm.tokenizer import Tokenizer
 
-    texts = ["def add(a, b):\n    return a + b\n", "for x in items:\n    print(x)\n"] * 10
-    tok = train_bpe_tokenizer(iter(texts), vocab_size=280)
-    ref = save_hf_model("qwen3", tmp_path, vocab_size=tok.vocab_size)
-    tok.save(tmp_path)
+    ref, tok = save_hf_model_with_tokenizer("qwen3", tmp_path)
     prompt = "def add(a, b):"
-    ids = tok.encode(prompt)
-    out = ref.generate(
-        torch.tensor([ids]),
-        max_new_tokens=30,
-        do_sample=False,
-        eos_token_id=Tokenizer.from_dir(tmp_path).eos_token_ids,
-        pad_token_id=0,
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-    )
-    expected = tok.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True)
+    eos = Tokenizer.from_dir(tmp_path).eos_token_ids
+    out = greedy_reference(ref, tok.encode(prompt), 30, eos_token_id=eos)
+    expected = tok.decode(out, skip_special_tokens=True)
     code = main(["generate", "--model", str(tmp_path), "--prompt", prompt, "--max-tokens", "30"])
     assert code == 0
     assert capsys.readouterr().out == expected + "\n"
