@@ -98,8 +98,9 @@ class BlockManager:
 
         The block holding the last token is never reused: that token has to be recomputed so the
         model yields logits for the next one (and the block stays private, so no copy-on-write).
+        A sequence that wants prompt logits reuses nothing (it still publishes its blocks).
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.prompt_logits_from is not None:
             return [], []
         bs = self.block_size
         blocks: list[int] = []

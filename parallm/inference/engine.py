@@ -6,6 +6,11 @@ and detokenizes incrementally (stop strings). Requests can be added and aborted 
 which is all an asynchronous front end (the HTTP server) needs. A bad request never stops the
 engine: it finishes at once with an `error` and the other requests go on.
 
+Prompt log-probabilities (`SamplingParams.prompt_logprobs`) are taken from the logits of the
+prompt positions as their chunks are computed; the first sequence of such a request skips the
+prefix cache until it has them all (cached tokens have no logits), and they are computed once
+per request whatever `n`.
+
 With `tensor_parallel_size` N > 1 this process is rank 0 of N (see `tp.py`): it keeps the
 scheduler, the sampler and the detokenizers, and every rank runs each step on its shard of the
 model and of the KV cache. `close()` stops the other ranks.
@@ -22,9 +27,22 @@ import torch
 from parallm.distributed.parallel_dims import ParallelDims
 from parallm.errors import UserError
 from parallm.inference.detokenizer import IncrementalDetokenizer
-from parallm.inference.model_runner import GiB, ModelRunner, blocks_for_budget, local_kv_heads
+from parallm.inference.model_runner import (
+    GiB,
+    ModelRunner,
+    PromptRows,
+    StepOutput,
+    blocks_for_budget,
+    local_kv_heads,
+)
 from parallm.inference.paged_attention import KVPool
-from parallm.inference.sampling import Sampler, SamplingParams, make_generator
+from parallm.inference.sampling import (
+    Sampler,
+    SamplingParams,
+    TokenLogprobs,
+    compute_logprobs,
+    make_generator,
+)
 from parallm.inference.scheduler import Scheduler, SchedulerConfig
 from parallm.inference.sequence import Sequence
 from parallm.inference.tp import TPGroup
@@ -32,6 +50,9 @@ from parallm.inference.tp_model import load_sharded
 from parallm.models.hf import load_pretrained, read_args
 from parallm.models.llama.model import ModelArgs, Transformer
 from parallm.tokenizer import Tokenizer
+
+# Prompt rows log-softmaxed at once: a (256, vocab) float32 copy at a time, not one per prompt.
+PROMPT_LOGPROBS_CHUNK = 256
 
 
 @dataclass(kw_only=True)
@@ -51,8 +72,18 @@ class EngineConfig:
     dtype: str | None = None
     device: str | None = None
     tensor_parallel_size: int = 1
+    # portable (padded SDPA, any device) | flex (flex attention over the pool) | auto: flex on
+    # CUDA, portable on CPU (where flex pays a compile per new step shape)
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
+        from parallm.inference.flex_attention import BACKENDS
+
+        if self.attention_backend not in BACKENDS:
+            raise UserError(
+                f"attention_backend: {self.attention_backend!r} is not valid; "
+                f"valid: {', '.join(BACKENDS)}"
+            )
         for name in (
             "block_size",
             "max_num_seqs",
@@ -82,6 +113,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     error: str | None = None
+    # Per prompt token: None for the first, then its log-probability given the ones before it
+    # (when asked for, and once the whole prompt is computed).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass
@@ -94,6 +128,7 @@ class _Request:
     detok: dict[int, IncrementalDetokenizer] = field(default_factory=dict)
     generators: dict[int, torch.Generator | None] = field(default_factory=dict)
     logprobs: dict[int, list[dict]] = field(default_factory=dict)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     error: str | None = None
 
 
@@ -129,7 +164,13 @@ def _build_runner(
         raise UserError(
             f"kv_cache_memory: {budget} bytes hold no KV block of {config.block_size} tokens"
         )
-    return ModelRunner(model, num_blocks=blocks, block_size=config.block_size, tp=tp)
+    return ModelRunner(
+        model,
+        num_blocks=blocks,
+        block_size=config.block_size,
+        tp=tp,
+        attention_backend=config.attention_backend,
+    )
 
 
 def _run_worker(
@@ -262,6 +303,10 @@ class LLMEngine:
             req.generators[seq.seq_id] = make_generator(seed, self.runner.device)
             req.logprobs[seq.seq_id] = []
             self._by_seq[seq.seq_id] = req
+            if i == 0 and params.prompt_logprobs is not None:
+                req.prompt_logprobs = [None]  # the first token has no context to score it
+                if seq.num_prompt_tokens > 1:
+                    seq.prompt_logits_from = 0
             self.scheduler.add(seq)
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
@@ -298,12 +343,15 @@ class LLMEngine:
             touched[self._by_seq[seq.seq_id].request_id] = self._by_seq[seq.seq_id]
         batch = self.scheduler.schedule()
         if not batch.is_empty:
-            logits, sampled = self.runner.execute(batch.seqs, batch.num_new_tokens)
+            step = self.runner.execute(batch.seqs, batch.num_new_tokens)
+            self._take_prompt_logprobs(step)
+            sampled = step.sampled
             tokens: dict[int, int] = {}
             if sampled:
+                assert step.logits is not None
                 reqs = [self._by_seq[s.seq_id] for s in sampled]
                 out = self.sampler(
-                    logits,
+                    step.logits[step.sample_rows].float(),
                     [r.params for r in reqs],
                     sampled,
                     [r.generators[s.seq_id] for r, s in zip(reqs, sampled, strict=True)],
@@ -330,6 +378,19 @@ class LLMEngine:
                 touched[req.request_id] = req
         return [self._output(req) for req in touched.values()]
 
+    def _take_prompt_logprobs(self, step: StepOutput) -> None:
+        """Keep the prompt log-probabilities of this step's prompt rows (chosen token and top N
+        only), and advance each sequence's `prompt_logits_from` past them."""
+        for rows in step.prompt_rows:
+            assert step.logits is not None
+            req, seq = self._by_seq[rows.seq.seq_id], rows.seq
+            assert req.prompt_logprobs is not None and req.params.prompt_logprobs is not None
+            # A prompt recomputed after a preemption yields no row already taken.
+            assert rows.first_position == len(req.prompt_logprobs) - 1
+            req.prompt_logprobs += prompt_logprobs(step.logits, rows, req.params.prompt_logprobs)
+            end = rows.first_position + rows.count
+            seq.prompt_logits_from = end if end < seq.num_prompt_tokens - 1 else None
+
     def _output(self, req: _Request) -> RequestOutput:
         outputs = [
             CompletionOutput(
@@ -354,4 +415,26 @@ class LLMEngine:
             outputs=outputs,
             finished=finished,
             error=error,
+            prompt_logprobs=self._complete_prompt_logprobs(req),
         )
+
+    @staticmethod
+    def _complete_prompt_logprobs(req: _Request) -> list[TokenLogprobs | None] | None:
+        """The prompt log-probabilities once all are known; None before (an error or an abort
+        can end a request half-prefilled)."""
+        lps = req.prompt_logprobs
+        return lps if lps is not None and len(lps) == len(req.prompt_token_ids) else None
+
+
+def prompt_logprobs(logits: torch.Tensor, rows: PromptRows, top_n: int) -> list[TokenLogprobs]:
+    """Log-probabilities of the prompt tokens after `rows.seq`'s positions `rows.first_position`
+    .. + `rows.count` - 1, from their logits rows of a step's `logits` (R, vocab): the raw
+    log-softmax in float32, computed chunk by chunk, keeping the chosen token and the top N."""
+    p, seq = rows.first_position, rows.seq
+    targets = torch.tensor(seq.token_ids[p + 1 : p + 1 + rows.count], device=logits.device)
+    found: list[TokenLogprobs] = []
+    for i in range(0, rows.count, PROMPT_LOGPROBS_CHUNK):
+        j = min(i + PROMPT_LOGPROBS_CHUNK, rows.count)
+        chunk = logits[rows.first_row + i : rows.first_row + j].float().log_softmax(dim=-1)
+        found += compute_logprobs(chunk, targets[i:j], [top_n] * (j - i))
+    return found

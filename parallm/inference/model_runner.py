@@ -1,7 +1,8 @@
 """Runs the model on one scheduled step over the paged KV cache and returns next-token logits.
 
 The step's tokens (prompt chunks and single decode tokens of every scheduled sequence) are one
-flat (1, N) batch; only sequences whose last token is in this step get a logits row.
+flat (1, N) batch; only sequences whose last token is in this step get a logits row to sample,
+and prompt positions whose logits a request wants (prompt log-probabilities) get one each.
 
 With tensor parallelism every rank runs the same step on its shard: rank 0 `prepare`s the step
 from its sequences and sends the resulting `StepInputs` to the other ranks (`execute`), which
@@ -16,7 +17,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from parallm.inference.paged_attention import KVPool, PagedAttention, StepMetadata
+from parallm.inference.flex_attention import make_backend
+from parallm.inference.paged_attention import KVPool, StepMetadata
 from parallm.inference.sequence import Sequence
 from parallm.models.llama.model import Transformer
 
@@ -48,7 +50,30 @@ class StepInputs:
     starts: list[int]  # (B,) first position each sequence computes
     lengths: list[int]  # (B,) how many tokens it computes
     block_tables: list[list[int]]  # (B, ceil(context / block_size)) the blocks in use
-    logit_rows: list[int]  # (R,) flat indices of the tokens whose logits are sampled
+    logit_rows: list[int]  # (R,) flat indices of the tokens whose logits are needed, ascending
+
+
+@dataclass
+class PromptRows:
+    """Logits rows `first_row .. first_row + count - 1` of a step are those of `seq`'s prompt
+    positions `first_position ..` (each scores the prompt token after it)."""
+
+    seq: Sequence
+    first_position: int
+    count: int
+    first_row: int
+
+
+@dataclass
+class StepOutput:
+    """One step's logits (R, vocab) in the model's dtype (None when R = 0): the rows
+    `sample_rows[i]` belong to `sampled[i]`, which reached its last token; `prompt_rows` name
+    the others."""
+
+    logits: torch.Tensor | None
+    sampled: list[Sequence]
+    sample_rows: list[int]
+    prompt_rows: list[PromptRows]
 
 
 class ModelRunner:
@@ -64,6 +89,7 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         tp: TPGroup | None = None,
+        attention_backend: str = "auto",
     ) -> None:
         self.model = model
         param = next(model.parameters())
@@ -78,24 +104,23 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
         )
-        self.backend = PagedAttention(self.pool)
+        self.backend = make_backend(attention_backend, self.pool)
 
-    def execute(
-        self, seqs: list[Sequence], num_new_tokens: list[int]
-    ) -> tuple[torch.Tensor | None, list[Sequence]]:
-        """Compute the step; returns float32 logits (R, vocab) for the R sequences that reach
-        their last token this step (to be sampled), in order, and those sequences."""
-        step, sampled = self.prepare(seqs, num_new_tokens)
+    def execute(self, seqs: list[Sequence], num_new_tokens: list[int]) -> StepOutput:
+        """Compute the step: the logits of the sequences that reach their last token this step
+        (to be sampled) and of the prompt positions whose logits are wanted."""
+        step, out = self.prepare(seqs, num_new_tokens)
         if self.tp is not None:
             self.tp.send_step(step)
-        return self.run(step), sampled
+        out.logits = self.run(step)
+        return out
 
     def prepare(
         self, seqs: list[Sequence], num_new_tokens: list[int]
-    ) -> tuple[StepInputs, list[Sequence]]:
-        """The step's inputs, and the sequences that reach their last token (to be sampled)."""
+    ) -> tuple[StepInputs, StepOutput]:
+        """The step's inputs, and which logits row will belong to what (logits still None)."""
         step = StepInputs([], [], list(num_new_tokens), [], [])
-        sampled = []
+        out = StepOutput(None, [], [], [])
         offset = 0
         for seq, n in zip(seqs, num_new_tokens, strict=True):
             start = seq.num_computed_tokens
@@ -103,16 +128,25 @@ class ModelRunner:
             step.starts.append(start)
             # Only the blocks holding positions [0, start + n): the rest may be pre-allocated.
             step.block_tables.append(seq.block_table[: -(-(start + n) // self.block_size)])
+            if seq.prompt_logits_from is not None:
+                # Positions [lo, hi) score prompt tokens lo + 1 .. hi; the last prompt position
+                # is the sampled row. Positions before `prompt_logits_from` were taken already.
+                lo = max(start, seq.prompt_logits_from)
+                hi = min(start + n, seq.num_prompt_tokens - 1)
+                if lo < hi:
+                    out.prompt_rows.append(PromptRows(seq, lo, hi - lo, len(step.logit_rows)))
+                    step.logit_rows.extend(range(offset + lo - start, offset + hi - start))
             offset += n
             if start + n == seq.num_tokens:  # the step ends at the sequence's last token
+                out.sample_rows.append(len(step.logit_rows))
                 step.logit_rows.append(offset - 1)
-                sampled.append(seq)
-        return step, sampled
+                out.sampled.append(seq)
+        return step, out
 
     @torch.inference_mode()
     def run(self, step: StepInputs) -> torch.Tensor | None:
-        """Run the model on `step`: float32 logits (R, vocab), or None when R = 0 (prompt chunks
-        that do not finish their prompt only fill the cache)."""
+        """Run the model on `step`: logits (R, vocab) in the model's dtype, or None when R = 0
+        (prompt chunks that need no logits only fill the cache)."""
         positions = [
             p for s, n in zip(step.starts, step.lengths, strict=True) for p in range(s, s + n)
         ]
@@ -123,7 +157,7 @@ class ModelRunner:
         pos = torch.tensor([positions], device=self.device)  # (1, N)
         rows = torch.tensor(step.logit_rows, dtype=torch.long, device=self.device)  # (R,)
         logits = self.model(input_ids, pos, backend=self.backend, logit_rows=rows)[0]
-        return logits.float() if step.logit_rows else None
+        return logits if step.logit_rows else None
 
     def follow(self) -> None:
         """On a tensor-parallel worker: run rank 0's steps until it stops the group."""

@@ -26,6 +26,11 @@ class Sequence:
     `token_ids` (prompt and generated so far) is prefilled again, while `max_tokens` keeps counting
     only tokens after the first `num_prompt_tokens`.
 
+    `prompt_logits_from`: for a request with prompt log-probabilities, the first prompt position
+    whose logits are still wanted (the logits at position i score prompt token i + 1); None when
+    none are. While it is set the sequence takes no prefix-cache hits: cached tokens are never
+    computed, so they have no logits.
+
     Identity equality (`eq=False`): two requests with the same tokens are different sequences.
     """
 
@@ -39,6 +44,7 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    prompt_logits_from: int | None = None
     finish_reason: str | None = None
     error: str | None = None
 
