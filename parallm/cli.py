@@ -36,8 +36,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     ParallelDims.from_config(load_config(JobConfig, args.job, overrides).parallel, args.nproc)
     argv = [args.job, *(["--resume"] if args.resume else []), *overrides]
     # torchrun stops every rank when one fails; the failing rank has printed its own error.
-    proc = subprocess.run(torchrun_argv(args.nproc, "parallm.train", argv))
-    return 2 if proc.returncode == 2 else proc.returncode
+    return subprocess.run(torchrun_argv(args.nproc, "parallm.train", argv)).returncode
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from parallm.errors import UserError
 from parallm.models.llama import hf_adapter
-from parallm.models.llama.model import ModelArgs, Transformer, canonical_name
+from parallm.models.llama.model import ModelArgs, Transformer, canonical_name, value_source
 from parallm.utils.fs import atomic_dir, read_json
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -148,10 +148,7 @@ def load_weights_into(
         expected = _expected_shapes(Transformer(model.args))
     _check_complete(d, expected, files)
     for name, param in model.named_parameters():
-        name = canonical_name(name)
-        if model.args.tie_embeddings and name == "lm_head.weight":  # a last pipeline stage
-            name = "embed_tokens.weight"
-        key = hf_adapter.hf_key(name)
+        key = hf_adapter.hf_key(value_source(name, model.args))
         with _open(files[key], "cpu") as handle:
             fill(param, _get_tensor(handle, files[key], key, expected[key]).float())
 

@@ -164,6 +164,13 @@ def canonical_name(name: str) -> str:
     return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
+def value_source(name: str, args: ModelArgs) -> str:
+    """The parameter whose value `name` holds: its canonical name, except that a tied
+    `lm_head.weight` on a stage without the embedding (a last pipeline stage) is the embedding."""
+    name = canonical_name(name)
+    return "embed_tokens.weight" if args.tie_embeddings and name == "lm_head.weight" else name
+
+
 def initial_value(name: str, shape: tuple[int, ...], args: ModelArgs, seed: int) -> torch.Tensor:
     """The initial value of parameter `name` (float32, CPU), a function of (seed, name) only."""
     if name.endswith("norm.weight"):
@@ -338,9 +345,7 @@ class Transformer(nn.Module):
         """
         fill = fill or (lambda param, full: param.copy_(full))
         for name, param in self.named_parameters():
-            name = canonical_name(name)
-            if self.args.tie_embeddings and name == "lm_head.weight":  # a last pipeline stage
-                name = "embed_tokens.weight"
+            name = value_source(name, self.args)
             fill(param, initial_value(name, tuple(param.shape), self.args, seed))
 
     def forward(
