@@ -81,8 +81,12 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
-    if args.what not in ("train", "infer"):
-        raise UserError(f"bench: {args.what!r} is not a benchmark; valid: train, infer")
+    if args.what not in ("train", "infer", "serve"):
+        raise UserError(f"bench: {args.what!r} is not a benchmark; valid: train, infer, serve")
+    if args.what == "serve":
+        from parallm.bench import serve as bench_serve
+
+        return bench_serve.main(rest)
     if args.what == "infer":
         from parallm.bench import infer
 
@@ -127,6 +131,18 @@ def _keys(args: argparse.Namespace) -> int:
             since = parse_since(args.since) if args.since else None
             print(format_usage(store.usage(since=since)))
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from parallm.serve.app import serve
+
+    return serve(args)
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from parallm.serve.ui import main as ui_main
+
+    return ui_main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,12 +203,48 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (create, listing, revoke, usage):
         p.add_argument("--db", default=DEFAULT_KEYS_DB, help=db_help)
 
+    serve = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible HTTP API")
+    serve.add_argument("--model", required=True, help="model directory (HF format)")
+    serve.add_argument(
+        "--served-model-name", default=None, help="name in the API (default: --model)"
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--tensor-parallel-size", type=int, default=1)
+    serve.add_argument("--max-model-len", type=int, default=None, help="default: model's context")
+    serve.add_argument(
+        "--kv-cache-memory",
+        type=float,
+        default=None,
+        help="bytes, or a fraction <= 1 of GPU memory",
+    )
+    serve.add_argument("--max-num-seqs", type=int, default=256, help="sequences per step")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step")
+    serve.add_argument("--max-waiting", type=int, default=1024, help="queued requests before 429")
+    serve.add_argument("--max-body-bytes", type=int, default=8 << 20, help="request body limit")
+    serve.add_argument("--no-prefix-caching", action="store_true")
+    serve.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    serve.add_argument("--device", default=None, help="cpu | cuda")
+    serve.add_argument("--attention-backend", default="auto", help="auto | portable | flex")
+    serve.add_argument("--db", default=DEFAULT_KEYS_DB, help=db_help)
+    serve.add_argument(
+        "--no-auth", action="store_true", help="accept requests without a key (local use)"
+    )
+    serve.add_argument("--ui", action="store_true", help="also serve the chat page at /ui")
+    serve.add_argument("--log-level", default="warning", help="uvicorn log level")
+
+    ui = sub.add_parser("ui", help="a web chat page for a running `parallm serve`")
+    ui.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8000")
+    ui.add_argument("--api-key", default=None, help="default: $PARALLM_API_KEY")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=7860)
+
     bench = sub.add_parser(
         "bench",
-        help="benchmarks: train, infer (see `parallm bench train --help`)",
+        help="benchmarks: train, infer, serve (see `parallm bench serve --help`)",
         add_help=False,
     )
-    bench.add_argument("what", help="train | infer")
+    bench.add_argument("what", help="train | infer | serve")
     return parser
 
 
@@ -211,6 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _plan(args)
         if args.command == "keys":
             return _keys(args)
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "ui":
+            return _ui(args)
         return _generate(args)
     except UserError as e:
         print(f"parallm: error: {e}", file=sys.stderr)

@@ -309,6 +309,15 @@ class LLMEngine:
                     seq.prompt_logits_from = 0
             self.scheduler.add(seq)
 
+    def check_request(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """The prompt's token ids if the request could run; else UserError naming the field at
+        fault (as the request's error from `add_request` would say, but before queueing it)."""
+        ids = self._prompt_ids(prompt)
+        found = self.scheduler.admission_error(len(ids), params.max_tokens)
+        if found is not None:
+            raise UserError(found[1], param=found[0])
+        return ids
+
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt) if prompt else []

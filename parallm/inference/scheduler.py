@@ -115,19 +115,24 @@ class Scheduler:
         self.waiting.append(seq)
 
     def _admission_error(self, seq: Sequence) -> str | None:
+        found = self.admission_error(seq.num_prompt_tokens, seq.max_tokens)
+        return None if found is None else found[1]
+
+    def admission_error(self, p: int, k: int) -> tuple[str, str] | None:
+        """Why a request of `p` prompt tokens and `max_tokens` `k` could never run, as (the
+        field at fault, the message); None if it can. Front ends check it before queueing."""
         c = self.config
-        p, k = seq.num_prompt_tokens, seq.max_tokens
         if p < 1:
-            return "prompt is empty; give at least one token"
+            return "prompt", "prompt is empty; give at least one token"
         if k < 1:
-            return f"max_tokens: {k}; need at least 1"
+            return "max_tokens", f"max_tokens: {k}; need at least 1"
         if p > c.max_model_len - 1:
-            return (
+            return "prompt", (
                 f"prompt has {p} tokens, but max_model_len={c.max_model_len} leaves room for at "
                 f"most {c.max_model_len - 1} prompt tokens (one must be generated)"
             )
         if p + k > c.max_model_len:
-            return (
+            return "max_tokens", (
                 f"prompt ({p} tokens) + max_tokens ({k}) = {p + k} exceeds "
                 f"max_model_len={c.max_model_len}; lower max_tokens to at most {c.max_model_len - p}"
             )
@@ -135,7 +140,7 @@ class Scheduler:
         longest = p + k - 1
         blocks = -(-longest // c.block_size)
         if blocks > c.num_blocks:
-            return (
+            return "max_tokens", (
                 f"prompt ({p} tokens) + max_tokens ({k}) needs KV for {longest} tokens = {blocks} "
                 f"blocks of {c.block_size}, but the whole cache has {c.num_blocks} blocks "
                 f"({c.num_blocks * c.block_size} tokens)"
@@ -148,7 +153,7 @@ class Scheduler:
             else:
                 what = f"prompt ({p} tokens) + max_tokens ({k}) - 1 = {longest} tokens (recomputed "
                 what += "after a preemption)"
-            return (
+            return "max_tokens", (
                 f"{what}, more than max_num_batched_tokens={c.max_num_batched_tokens}, and "
                 "enable_chunked_prefill is off so it must be computed in one step; enable "
                 "chunked prefill or raise max_num_batched_tokens"

@@ -1,0 +1,195 @@
+"""Request bodies of the OpenAI-compatible API, as pydantic models, and the error body.
+
+Types are strict: `"max_tokens": "5"` is a 400, not a 5. Fields OpenAI defines but this server
+does not implement are accepted only at their neutral value, so a client never silently gets
+something other than what it asked for; unknown fields are refused by name. The sampling extras
+the serving engines of this field accept (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
+`stop_token_ids`, ...) are accepted too (the `openai` client sends them through `extra_body`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from parallm.errors import UserError
+from parallm.inference.sampling import SamplingParams
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _Sampling(_Strict):
+    model: str
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    # extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> _Sampling:
+        if self.logit_bias:
+            raise ValueError("logit_bias: is not supported by this server; leave it out")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
+        return self
+
+    def sampling_params(self, max_tokens: int, **more: Any) -> SamplingParams:
+        """The engine's parameters (UserError naming the field for an invalid value)."""
+        given = {
+            name: getattr(self, name)
+            for name in (
+                "temperature",
+                "top_p",
+                "top_k",
+                "min_p",
+                "seed",
+                "presence_penalty",
+                "frequency_penalty",
+                "repetition_penalty",
+            )
+            if getattr(self, name) is not None
+        }
+        return SamplingParams(
+            n=self.n,
+            max_tokens=max_tokens,
+            stop=[] if self.stop is None else self.stop,
+            stop_token_ids=self.stop_token_ids or [],
+            ignore_eos=self.ignore_eos,
+            skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            **given,
+            **more,
+        )
+
+
+TokenIds = list[Annotated[int, Field(strict=True)]]
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | TokenIds | list[TokenIds]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _completion_unsupported(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of: only best_of equal to n is supported")
+        if self.suffix:
+            raise ValueError("suffix: is not supported by this server; leave it out")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the request: one string, strings, one list of ids, lists of ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise UserError("prompt: empty list; give a string, strings or token ids")
+        if isinstance(p[0], int):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    # Extra keys (name, tool_call_id, ...) are passed to the chat template, as transformers does.
+    model_config = ConfigDict(strict=True, extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _chat_unsupported(self) -> ChatCompletionRequest:
+        if self.tools or self.tool_choice not in (None, "none"):
+            raise ValueError("tools: tool calling is not supported by this server")
+        if self.response_format not in (None, {"type": "text"}):
+            raise ValueError("response_format: only {'type': 'text'} is supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: requires logprobs to be true")
+        return self
+
+    def rendered_messages(self) -> list[dict[str, Any]]:
+        out = []
+        for m in self.messages:
+            extra = {k: v for k, v in (m.model_extra or {}).items()}
+            out.append({**extra, "role": m.role, "content": m.text()})
+        return out
+
+
+def parse(model: type[BaseModel], body: bytes) -> Any:
+    """Validate a JSON body; UserError with the first problem's field path."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "json_invalid":
+            raise UserError(
+                f"body is not valid JSON: {err.get('ctx', {}).get('error', msg)}", param=None
+            ) from None
+        if err["type"] == "value_error":  # our own checks: "field: reason"
+            text = msg.removeprefix("Value error, ")
+            raise UserError(text) from None
+        if err["type"] == "extra_forbidden":
+            raise UserError(f"{loc}: unknown field; leave it out", param=loc) from None
+        if err["type"] == "missing":
+            raise UserError(f"{loc}: is required", param=loc) from None
+        given = err.get("input")
+        shown = repr(given) if not isinstance(given, dict | list) else type(given).__name__
+        raise UserError(
+            f"{loc or 'body'}: {shown} is not valid; {msg.lower()}", param=loc or None
+        ) from None
+
+
+def error_body(
+    message: str, type_: str, param: str | None = None, code: str | int | None = None
+) -> dict:
+    """OpenAI's error shape."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
