@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 
+from parallm.tokenizer import Tokenizer
 from tests.hf_models import save_hf_model_with_tokenizer
 
 # ChatML, as Qwen's models use it: the template comes from the model directory, as in real use.
@@ -27,12 +28,12 @@ CHAT_TEMPLATE = (
 def save_chat_model(path: Path, name: str = "llama3", seed: int = 0):
     """A random `transformers` model with a BPE tokenizer and a chat template in `path`;
     returns (model, tokenizer)."""
-    ref, tok = save_hf_model_with_tokenizer(name, path, seed)
+    ref, _ = save_hf_model_with_tokenizer(name, path, seed)
     config_path = path / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["chat_template"] = CHAT_TEMPLATE
     config_path.write_text(json.dumps(config))
-    return ref, tok
+    return ref, Tokenizer.from_dir(path)
 
 
 def free_port() -> int:

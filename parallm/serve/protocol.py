@@ -168,7 +168,7 @@ def parse(model: type[BaseModel], body: bytes) -> Any:
         return model.model_validate_json(body)
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
-        loc = ".".join(str(x) for x in err["loc"])
+        loc = ".".join(str(x) for x in err["loc"] if not _is_union_tag(x))
         msg = err["msg"]
         if err["type"] == "json_invalid":
             raise UserError(
@@ -182,10 +182,30 @@ def parse(model: type[BaseModel], body: bytes) -> Any:
         if err["type"] == "missing":
             raise UserError(f"{loc}: is required", param=loc) from None
         given = err.get("input")
-        shown = repr(given) if not isinstance(given, dict | list) else type(given).__name__
-        raise UserError(
-            f"{loc or 'body'}: {shown} is not valid; {msg.lower()}", param=loc or None
-        ) from None
+        shown = (
+            repr(given) if not isinstance(given, dict | list) else f"a JSON {type(given).__name__}"
+        )
+        if not loc:
+            raise UserError(f"the request body must be a JSON object, not {shown}") from None
+        valid = _UNION_FIELDS.get(loc.rsplit(".", 1)[-1]) if len(e.errors()) > 1 else None
+        raise UserError(f"{loc}: {shown} is not valid; {valid or msg.lower()}", param=loc) from None
+
+
+# What a field of several accepted shapes takes, for the error when a value fits none.
+_UNION_FIELDS = {
+    "prompt": "must be a string, a list of strings, a list of token ids or a list of such lists",
+    "stop": "must be a string or a list of strings",
+    "content": "must be a string or a list of {'type': 'text', 'text': ...} parts",
+    "tool_choice": "must be a string or an object",
+}
+
+
+def _is_union_tag(part: int | str) -> bool:
+    """pydantic names the member of a union that failed in the error's path ("prompt.str",
+    "stop.list[str]", "content.TextPart"); a field name is lower-case and plain."""
+    if isinstance(part, int):
+        return False
+    return "[" in part or part[:1].isupper() or part in ("str", "int", "float", "bool", "list")
 
 
 def error_body(
