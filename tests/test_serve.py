@@ -346,3 +346,20 @@ def test_chat_logprobs_and_stop(client):
     )
     assert cut.choices[0].message.content == text[: text.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
+
+
+def test_tensor_parallel_server_equals_transformers(model):
+    d, ref, tok = model
+    with running_server(
+        d, "--no-auth", "--served-model-name", MODEL, "--tensor-parallel-size", "2"
+    ) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        out = client.completions.create(
+            model=MODEL,
+            prompt=PROMPTS[:2],
+            max_tokens=6,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+    for prompt, choice in zip(PROMPTS[:2], out.choices, strict=True):
+        assert choice.text == tok.decode(greedy_reference(ref, prompt, 6), skip_special_tokens=True)
