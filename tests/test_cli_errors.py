@@ -138,3 +138,22 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and "config.json" in proc.stderr
+
+
+def test_serve_errors_before_loading(capsys, tmp_path, hf_dir):
+    import socket
+
+    code, err = run_cli(capsys, "serve", "--model", str(tmp_path / "nope"), "--no-auth")
+    assert_one_line_error(code, err, "does not exist")
+    code, err = run_cli(capsys, "serve", "--model", str(hf_dir), "--max-waiting", "0")
+    assert_one_line_error(code, err, "--max-waiting", "0", ">= 1")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        code, err = run_cli(capsys, "serve", "--model", str(hf_dir), "--port", port, "--no-auth")
+    assert_one_line_error(code, err, "--port", port)
+    code, err = run_cli(
+        capsys, "serve", "--model", str(hf_dir), "--no-auth", "--tensor-parallel-size", "3"
+    )
+    assert_one_line_error(code, err, "tensor")

@@ -734,14 +734,36 @@ async def run_chat(
 # -- parallm serve -----------------------------------------------------------------------------
 
 
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise UserError(f"--host: {host!r} does not resolve ({e.strerror})") from e
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as e:
+            raise UserError(f"--port: {port} on {host} cannot be used ({e.strerror})") from e
+
+
 def serve(args: argparse.Namespace) -> int:
     """Load the model (errors exit 2 before the port is bound), then run uvicorn until stopped."""
     import uvicorn
 
-    for name in ("port", "max_waiting", "max_body_bytes"):
+    for name, low, high in (
+        ("port", 0, 65535),
+        ("max_waiting", 1, None),
+        ("max_body_bytes", 1, None),
+    ):
         value = getattr(args, name)
-        if value < (0 if name == "port" else 1) or (name == "port" and value > 65535):
-            raise UserError(f"--{name.replace('_', '-')}: {value} is not valid")
+        if value < low or (high is not None and value > high):
+            valid = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise UserError(f"--{name.replace('_', '-')}: {value} is not valid; must be {valid}")
+    _check_port_free(args.host, args.port)  # before minutes of loading, not after
     kv = args.kv_cache_memory
     if kv is not None and kv > 1:
         kv = int(kv)
