@@ -255,6 +255,10 @@ def test_more_bad_input(server, client):
     chat = {"model": MODEL, "messages": []}
     r = httpx.post(server + "/v1/chat/completions", json=chat)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    long_chat = {"model": MODEL, "messages": [{"role": "user", "content": "for x " * 400}]}
+    r = httpx.post(server + "/v1/chat/completions", json=long_chat)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    assert "max_model_len=512" in r.json()["error"]["message"]
     r = httpx.post(server + "/v1/completions", content=b"x" * (9 << 20))
     assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
     r = httpx.get(server + "/v1/nothing")

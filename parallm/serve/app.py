@@ -26,6 +26,7 @@ from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import jinja2
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -631,9 +632,12 @@ async def run_chat(
     tok = llm.tokenizer
     if req.max_tokens is not None and req.max_completion_tokens is not None:
         raise UserError("max_completion_tokens: give it or max_tokens, not both")
-    text = tok.apply_chat_template(
-        req.rendered_messages(), add_generation_prompt=req.add_generation_prompt
-    )
+    try:
+        text = tok.apply_chat_template(
+            req.rendered_messages(), add_generation_prompt=req.add_generation_prompt
+        )
+    except jinja2.TemplateError as e:
+        raise UserError(f"messages: the model's chat template failed on them: {e}") from e
     prompt = tok.encode(text, add_special_tokens=False)
     requested = (
         req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -641,7 +645,10 @@ async def run_chat(
     max_tokens = max_tokens_for(requested, len(prompt), state)
     top = req.top_logprobs or 0
     params = req.sampling_params(max_tokens, logprobs=top if req.logprobs else None)
-    job = start_job(state, key, "chat", "chatcmpl", [prompt], params)
+    try:
+        job = start_job(state, key, "chat", "chatcmpl", [prompt], params)
+    except UserError as e:  # the prompt is the messages here
+        raise UserError(str(e), param="messages" if e.param == "prompt" else e.param) from e
 
     def content_logprobs(c: CompletionOutput, start: int, end: int) -> dict | None:
         if not req.logprobs:
