@@ -124,21 +124,23 @@ def test_chat_equals_transformers_and_stream_equals_whole(client, model):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
 
 
+SAMPLED = dict(
+    model=MODEL,
+    prompt="def add(a, b):",
+    max_tokens=10,
+    temperature=1.0,
+    seed=7,
+    n=2,
+    extra_body={"ignore_eos": True},
+)
+
+
 def test_async_streaming_completions_with_n_and_seed(server):
     async def run() -> tuple[list[str], list[str], str]:
         client = openai.AsyncOpenAI(base_url=server + "/v1", api_key="x", max_retries=0)
 
         async def sampled() -> list[str]:
-            stream = await client.completions.create(
-                model=MODEL,
-                prompt="def add(a, b):",
-                max_tokens=10,
-                temperature=1.0,
-                seed=7,
-                n=2,
-                stream=True,
-                extra_body={"ignore_eos": True},
-            )
+            stream = await client.completions.create(**SAMPLED, stream=True)
             texts = ["", ""]
             async for chunk in stream:
                 for c in chunk.choices:
@@ -146,15 +148,7 @@ def test_async_streaming_completions_with_n_and_seed(server):
             return texts
 
         first, second = await asyncio.gather(sampled(), sampled())
-        whole = await client.completions.create(
-            model=MODEL,
-            prompt="def add(a, b):",
-            max_tokens=10,
-            temperature=1.0,
-            seed=7,
-            n=2,
-            extra_body={"ignore_eos": True},
-        )
+        whole = await client.completions.create(**SAMPLED)
         await client.close()
         return first, second, [c.text for c in whole.choices]
 

@@ -44,6 +44,10 @@ class EngineStats:
     def kv_usage(self) -> float:
         return 1.0 - self.kv_blocks_free / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
+    @property
+    def hit_rate(self) -> float:
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
 
 class AsyncEngine:
     """Runs `engine` in a daemon thread; `generate` streams one request's outputs."""
