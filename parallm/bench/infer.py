@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from parallm.bench import parse_len_range
 from parallm.bench.train import SHAPES
 from parallm.errors import UserError
 
@@ -32,16 +33,6 @@ INFER_SHAPES = {
         tie_embeddings=True, max_seq_len=2048,
     ),
 }  # fmt: skip
-
-
-def _range(text: str, name: str) -> tuple[int, int]:
-    try:
-        lo, hi = (int(x) for x in text.split(":")) if ":" in text else (int(text), int(text))
-    except ValueError:
-        raise UserError(f"{name}: {text!r} is not valid; give N or LOW:HIGH") from None
-    if not 1 <= lo <= hi:
-        raise UserError(f"{name}: {text!r} is not valid; need 1 <= LOW <= HIGH")
-    return lo, hi
 
 
 def random_model_dir(shape: str, out: Path, dtype: torch.dtype) -> Path:
@@ -154,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser().parse_args(argv)
     out = Path(args.out)
-    inp, outp = _range(args.input_len, "--input-len"), _range(args.output_len, "--output-len")
+    inp, outp = (
+        parse_len_range(args.input_len, "--input-len"),
+        parse_len_range(args.output_len, "--output-len"),
+    )
     if args.num_requests < 1:
         raise UserError(f"--num-requests: {args.num_requests} is not valid; must be >= 1")
     dtype = resolve_dtype(args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))

@@ -1,0 +1,527 @@
+"""`parallm bench serve`: latency and throughput of a running server under Poisson load.
+
+For each request rate, N requests of random prompt token ids (prompt and output lengths drawn
+uniformly from the given ranges) are sent to `POST /v1/completions` as streams, arriving as a
+Poisson process (exponential gaps; `inf` sends them all at once), at most `--max-concurrency`
+in flight. Every request generates exactly its output length (`ignore_eos`). Each rate draws its
+own prompts (from the seed and the rate's index), so no rate finds another's in the prefix cache.
+
+Per rate: time to the first chunk with text (TTFT), time per output token after the first
+(TPOT, from the token count in the usage chunk), the gaps between successive chunks with text
+(ITL), end-to-end latency (E2E) — mean, median and p99 in ms — and
+request, output-token and total-token throughput; printed, saved as JSON, and plotted (latency
+against output throughput, one point per rate) as PNG. A server sends no chunk while it holds
+back the text of an incomplete character, so then one chunk carries several tokens: TTFT and ITL
+are times the client could see text, as in the serving benchmarks of this field.
+
+    parallm bench serve --url http://127.0.0.1:8000 --rates 1,4,16,inf --num-requests 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from parallm.bench import parse_len_range
+from parallm.errors import UserError
+from parallm.utils.fs import write_json_atomic
+
+LATENCIES = ("ttft", "tpot", "itl", "e2e")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, like every other user error
+        raise UserError(f"bench serve: {message}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeBenchConfig:
+    """What to send where; every field is checked here, a bad one is a UserError naming it."""
+
+    url: str
+    model: str | None = None  # None: the first model the server lists
+    api_key: str | None = None
+    rates: tuple[float, ...] = (math.inf,)  # requests/s; inf: all at once
+    num_requests: int = 100  # per rate
+    max_concurrency: int | None = None  # requests in flight; None: no cap
+    input_len: tuple[int, int] = (32, 256)
+    output_len: tuple[int, int] = (32, 256)
+    vocab_size: int = 256  # prompt ids are drawn from [0, vocab_size)
+    seed: int = 0
+    timeout: float = 600.0  # seconds per request
+    output: Path = Path("bench_serve.json")
+    plot: Path = Path("bench_serve.png")
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")) or self.url.rstrip("/").endswith("/v1"):
+            raise UserError(
+                f"--url: {self.url!r} is not valid; give the server's base URL, "
+                "e.g. http://127.0.0.1:8000"
+            )
+        if not self.rates or any(not r > 0 for r in self.rates):
+            raise UserError(f"--rates: {self.rates} is not valid; every rate must be > 0 or inf")
+        for name, value in (
+            ("--num-requests", self.num_requests),
+            ("--vocab-size", self.vocab_size),
+        ):
+            if value < 1:
+                raise UserError(f"{name}: {value} is not valid; must be >= 1")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise UserError(f"--max-concurrency: {self.max_concurrency} is not valid; must be >= 1")
+        for name, (lo, hi) in (
+            ("--input-len", self.input_len),
+            ("--output-len", self.output_len),
+        ):
+            if not 1 <= lo <= hi:
+                raise UserError(f"{name}: {lo}:{hi} is not valid; need 1 <= LOW <= HIGH")
+        if not self.timeout > 0:
+            raise UserError(f"--timeout: {self.timeout} is not valid; must be > 0 seconds")
+        if self.plot == self.output:
+            raise UserError(f"--plot: {str(self.plot)!r} is the --output path; give another")
+
+
+# -- workload ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: list[int]
+    output_len: int
+
+
+def workload(
+    n: int, vocab: int, inp: tuple[int, int], outp: tuple[int, int], rng: np.random.Generator
+) -> list[Request]:
+    """`n` requests: prompt and output lengths uniform in the inclusive ranges, ids in [0, vocab)."""
+    requests = []
+    for _ in range(n):
+        length = int(rng.integers(inp[0], inp[1] + 1))
+        prompt = rng.integers(0, vocab, length).tolist()
+        requests.append(Request(prompt, int(rng.integers(outp[0], outp[1] + 1))))
+    return requests
+
+
+def arrival_times(rate: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Send times (s from the start) of `n` Poisson arrivals at `rate` per second: the first at
+    0, then exponential gaps of mean 1/rate; all at 0 for an infinite rate."""
+    if math.isinf(rate):
+        return np.zeros(n)
+    gaps = rng.exponential(1.0 / rate, n - 1)
+    return np.concatenate([[0.0], np.cumsum(gaps)])
+
+
+# -- one request ------------------------------------------------------------------------------
+
+
+@dataclass
+class RequestResult:
+    """One request as the client saw it: times in seconds from its send."""
+
+    prompt_len: int
+    output_len: int  # requested
+    output_tokens: int = 0  # generated, from the stream's usage
+    prompt_tokens: int = 0
+    ttft: float | None = None
+    e2e: float | None = None
+    itl: list[float] = field(default_factory=list)
+    error: str | None = None
+    sent_at: float | None = None  # s from the first send of its rate
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean time per output token after the first."""
+        if not self.ok or self.output_tokens < 2:
+            return None
+        return (self.e2e - self.ttft) / (self.output_tokens - 1)
+
+
+def parse_sse(line: str) -> dict | str | None:
+    """The payload of one server-sent-event line: a JSON object, "[DONE]", or None (blank,
+    comment or other field)."""
+    if not line.startswith("data:"):
+        return None
+    data = line[len("data:") :].strip()
+    return data if data == "[DONE]" else json.loads(data)
+
+
+def result_from_events(req: Request, events: list[tuple[float, dict | str]]) -> RequestResult:
+    """A request's result from its stream's payloads, each with its arrival time (s from send).
+
+    A chunk whose choices carry text marks a token arrival; the usage chunk gives the counts;
+    the stream must end with [DONE]. An error payload fails the request with its message."""
+    r = RequestResult(prompt_len=len(req.prompt), output_len=req.output_len)
+    token_times: list[float] = []
+    usage = None
+    for t, payload in events:
+        if payload == "[DONE]":
+            r.e2e = t
+            break
+        if "error" in payload:
+            r.error = str(payload["error"].get("message", payload["error"]))
+            return r
+        if any(c.get("text") for c in payload.get("choices", [])):
+            token_times.append(t)
+        usage = payload.get("usage") or usage
+    if r.e2e is None:
+        r.error = "the stream ended before [DONE]"
+    elif usage is None:
+        r.error = "the stream has no usage chunk"
+    elif not token_times:
+        r.error = "the stream has no text"
+    if r.error is not None:
+        return r
+    r.output_tokens, r.prompt_tokens = usage["completion_tokens"], usage["prompt_tokens"]
+    r.ttft = token_times[0]
+    r.itl = np.diff(token_times).tolist()
+    return r
+
+
+def _error_message(status: int, body: bytes) -> str:
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = body.decode(errors="replace")[:200]
+    return f"HTTP {status}: {message}"
+
+
+async def send_request(
+    client: httpx.AsyncClient, model: str, req: Request, timeout: float | None = None
+) -> RequestResult:
+    """Stream one completion, for at most `timeout` seconds in all; a failure of any kind is
+    recorded in the result, never raised."""
+    body = {
+        "model": model,
+        "prompt": req.prompt,
+        "max_tokens": req.output_len,
+        "ignore_eos": True,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    events: list[tuple[float, dict | str]] = []
+    start = time.perf_counter()
+    try:
+        async with (
+            asyncio.timeout(timeout),
+            client.stream("POST", "/v1/completions", json=body) as resp,
+        ):
+            if resp.status_code != 200:
+                message = _error_message(resp.status_code, await resp.aread())
+                return RequestResult(len(req.prompt), req.output_len, error=message)
+            async for line in resp.aiter_lines():
+                payload = parse_sse(line)
+                if payload is not None:
+                    events.append((time.perf_counter() - start, payload))
+        return result_from_events(req, events)
+    except TimeoutError:
+        error = f"not finished within --timeout {timeout} s"
+        return RequestResult(len(req.prompt), req.output_len, error=error)
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as e:
+        # A refused connection or a stream that is not the API's: a failed request.
+        error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        return RequestResult(len(req.prompt), req.output_len, error=error)
+
+
+# -- statistics -------------------------------------------------------------------------------
+
+
+def summary_ms(values_s: list[float]) -> dict[str, float | None]:
+    """Mean, median and p99 in milliseconds of values in seconds (None each when empty)."""
+    if not values_s:
+        return {"mean": None, "median": None, "p99": None}
+    ms = np.asarray(values_s, dtype=np.float64) * 1000.0
+    return {
+        "mean": float(ms.mean()),
+        "median": float(np.median(ms)),
+        "p99": float(np.percentile(ms, 99)),
+    }
+
+
+def rate_report(rate: float, results: list[RequestResult], duration: float) -> dict[str, Any]:
+    """Counts, throughput and latency summaries of one rate's results. ITL pools the gaps of
+    every completed request; failed requests count in nothing but `failed` and `errors`."""
+    done = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in done)
+    in_tokens = sum(r.prompt_tokens for r in done)
+    return {
+        "rate": "inf" if math.isinf(rate) else rate,
+        "completed": len(done),
+        "failed": len(results) - len(done),
+        "duration_s": duration,
+        "request_throughput": len(done) / duration,
+        "output_throughput": out_tokens / duration,
+        "total_token_throughput": (in_tokens + out_tokens) / duration,
+        "total_input_tokens": in_tokens,
+        "total_output_tokens": out_tokens,
+        "ttft_ms": summary_ms([r.ttft for r in done]),
+        "tpot_ms": summary_ms([r.tpot for r in done if r.tpot is not None]),
+        "itl_ms": summary_ms([gap for r in done for gap in r.itl]),
+        "e2e_ms": summary_ms([r.e2e for r in done]),
+        "errors": sorted({r.error for r in results if r.error is not None}),
+        "requests": [_request_record(r) for r in results],
+    }
+
+
+def _request_record(r: RequestResult) -> dict[str, Any]:
+    def ms(value: float | None) -> float | None:
+        return None if value is None else value * 1000.0
+
+    return {
+        "prompt_len": r.prompt_len,
+        "output_len": r.output_len,
+        "prompt_tokens": r.prompt_tokens,
+        "output_tokens": r.output_tokens,
+        "ttft_ms": ms(r.ttft),
+        "tpot_ms": ms(r.tpot),
+        "e2e_ms": ms(r.e2e),
+        "sent_at_s": r.sent_at,
+        "error": r.error,
+    }
+
+
+# -- running ----------------------------------------------------------------------------------
+
+
+async def run_rate(
+    client: httpx.AsyncClient,
+    cfg: ServeBenchConfig,
+    model: str,
+    requests: list[Request],
+    times: np.ndarray,
+) -> tuple[list[RequestResult], float]:
+    """Send `requests` at `times` (s from now), at most `cfg.max_concurrency` in flight; returns
+    their results and the seconds from the first send to the last finish."""
+    cap = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
+
+    async def one(req: Request) -> RequestResult:
+        async with cap or contextlib.nullcontext():
+            sent_at = time.perf_counter() - start
+            result = await send_request(client, model, req, cfg.timeout)
+        result.sent_at = sent_at
+        return result
+
+    start = time.perf_counter()
+    tasks = []
+    for req, at in zip(requests, times, strict=True):
+        delay = start + at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(req)))
+    results = await asyncio.gather(*tasks)
+    return list(results), time.perf_counter() - start
+
+
+async def run_all(cfg: ServeBenchConfig) -> tuple[str, list[dict[str, Any]]]:
+    """Check the server with one request, then run every rate; returns (model, reports)."""
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    # One connection per request in flight: a smaller pool would be a hidden concurrency cap.
+    limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=None)
+    timeout = httpx.Timeout(None, connect=10.0)  # send_request bounds each request as a whole
+    async with httpx.AsyncClient(
+        base_url=cfg.url, headers=headers, limits=limits, timeout=timeout
+    ) as client:
+        model = cfg.model or await first_model(client, cfg.url)
+        probe = await send_request(client, model, Request([1, 2, 3], 2), cfg.timeout)
+        if not probe.ok:
+            raise UserError(f"--url: {cfg.url} failed a test request: {probe.error}")
+        reports = []
+        for i, rate in enumerate(cfg.rates):
+            # Fresh prompts per rate, so that no rate reuses another's cached prefixes.
+            rng = np.random.default_rng([cfg.seed, i])
+            requests = workload(
+                cfg.num_requests, cfg.vocab_size, cfg.input_len, cfg.output_len, rng
+            )
+            times = arrival_times(rate, cfg.num_requests, rng)
+            print(f"rate {_rate(rate)} req/s: {cfg.num_requests} requests ...", flush=True)
+            results, duration = await run_rate(client, cfg, model, requests, times)
+            reports.append(rate_report(rate, results, duration))
+    return model, reports
+
+
+async def first_model(client: httpx.AsyncClient, url: str) -> str:
+    try:
+        resp = await client.get("/v1/models")
+    except httpx.HTTPError as e:
+        raise UserError(f"--url: {url} cannot be reached ({type(e).__name__}: {e})") from None
+    if resp.status_code != 200:
+        raise UserError(f"--url: GET /v1/models {_error_message(resp.status_code, resp.content)}")
+    data = resp.json().get("data") or []
+    if not data:
+        raise UserError(f"--url: {url} lists no models; give --model")
+    return data[0]["id"]
+
+
+# -- output -----------------------------------------------------------------------------------
+
+
+def _rate(rate: float | str) -> str:
+    return f"{rate:g}" if isinstance(rate, float | int) else rate
+
+
+def _fmt(value: float | None, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:{width}.1f}"
+
+
+def format_table(reports: list[dict[str, Any]]) -> str:
+    """A throughput table and a latency table, one row per rate."""
+    lines = [
+        f"{'rate':>6} {'done':>5} {'failed':>6} {'time_s':>8} {'req/s':>7} "
+        f"{'out_tok/s':>10} {'tot_tok/s':>10}"
+    ]
+    for r in reports:
+        lines.append(
+            f"{_rate(r['rate']):>6} {r['completed']:>5} {r['failed']:>6} {r['duration_s']:8.2f} "
+            f"{r['request_throughput']:7.2f} {r['output_throughput']:10.1f} "
+            f"{r['total_token_throughput']:10.1f}"
+        )
+    stats = ("mean", "median", "p99")
+    lines += [
+        "",
+        "latency (ms)",
+        f"{'rate':>6}" + "".join(f" | {n.upper():<26}" for n in LATENCIES),
+    ]
+    lines.append(f"{'':>6}" + " | {:>8} {:>8} {:>8}".format(*stats) * len(LATENCIES))
+    for r in reports:
+        cells = "".join(
+            " | " + " ".join(_fmt(r[f"{n}_ms"][s], 8) for s in stats) for n in LATENCIES
+        )
+        lines.append(f"{_rate(r['rate']):>6}{cells}")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def save_plot(reports: list[dict[str, Any]], path: Path) -> None:
+    """Median and p99 TPOT and E2E against output throughput, one point per rate; written
+    through a temporary name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, name in zip(axes, ("tpot", "e2e"), strict=True):
+        for stat, style in (("median", "o-"), ("p99", "s--")):
+            points = [
+                (r["output_throughput"], r[f"{name}_ms"][stat], r["rate"])
+                for r in reports
+                if r[f"{name}_ms"][stat] is not None
+            ]
+            if not points:
+                continue
+            xs, ys, _ = zip(*points, strict=True)
+            ax.plot(xs, ys, style, label=stat)
+            for x, y, rate in points:
+                ax.annotate(f"{_rate(rate)}/s", (x, y), textcoords="offset points", xytext=(4, 4))
+        ax.set_xlabel("output throughput (tokens/s)")
+        ax.set_ylabel(f"{name.upper()} (ms)")
+        ax.set_title(f"{name.upper()} against throughput")
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    fig.tight_layout()
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def parse_rates(text: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        rates = ()
+    if not rates or any(not r > 0 for r in rates):  # not > 0: NaN too
+        raise UserError(
+            f"--rates: {text!r} is not valid; give requests/s > 0 separated by commas, "
+            "or inf (all at once), e.g. 1,4,inf"
+        )
+    return rates
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="parallm bench serve", description=__doc__.splitlines()[0])
+    p.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", default=None, help="served model name (default: the first listed)")
+    p.add_argument("--api-key", default=None, help="default: $PARALLM_API_KEY")
+    p.add_argument("--rates", default="inf", metavar="R,R,...", help="requests/s; inf: all at once")
+    p.add_argument("--num-requests", type=int, default=100, metavar="N", help="per rate")
+    p.add_argument("--max-concurrency", type=int, default=None, metavar="N", help="in flight")
+    p.add_argument("--input-len", default="32:256", help="N or LOW:HIGH prompt tokens")
+    p.add_argument("--output-len", default="32:256", help="N or LOW:HIGH output tokens")
+    p.add_argument("--vocab-size", type=int, default=256, help="prompt ids from [0, this)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request, in all")
+    p.add_argument("--output", default="bench_serve.json", help="JSON report path")
+    p.add_argument("--plot", default=None, help="PNG path (default: --output with .png)")
+    return p
+
+
+def parse_config(argv: list[str]) -> ServeBenchConfig:
+    args = parser().parse_args(argv)
+    output = Path(args.output)
+    return ServeBenchConfig(
+        url=args.url.rstrip("/"),
+        model=args.model,
+        api_key=args.api_key or os.environ.get("PARALLM_API_KEY") or None,
+        rates=parse_rates(args.rates),
+        num_requests=args.num_requests,
+        max_concurrency=args.max_concurrency,
+        input_len=parse_len_range(args.input_len, "--input-len"),
+        output_len=parse_len_range(args.output_len, "--output-len"),
+        vocab_size=args.vocab_size,
+        seed=args.seed,
+        timeout=args.timeout,
+        output=output,
+        plot=Path(args.plot) if args.plot else output.with_suffix(".png"),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    model, reports = asyncio.run(run_all(cfg))
+    print(format_table(reports), flush=True)
+    config = {k: v for k, v in asdict(cfg).items() if k != "api_key"}
+    config |= {
+        "model": model,
+        "rates": ["inf" if math.isinf(r) else r for r in cfg.rates],
+        "output": str(cfg.output),
+        "plot": str(cfg.plot),
+    }
+    for path in (cfg.output, cfg.plot):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(cfg.output, {"config": config, "results": reports})
+    save_plot(reports, cfg.plot)
+    print(f"saved {cfg.output} and {cfg.plot}", flush=True)
+    failed = sum(r["failed"] for r in reports)
+    if failed:
+        first = next(e for r in reports for e in r["errors"])
+        print(
+            f"{failed} requests failed (all errors in {cfg.output}); one: {first}", file=sys.stderr
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
