@@ -1,0 +1,208 @@
+"""The web chat page: a Gradio chat that streams replies from `/v1/chat/completions`.
+
+`parallm serve --ui` mounts it on the server at /ui (`mount_ui`); `parallm ui --server URL` serves
+it on its own (`main`). Either way the page is a plain HTTP client of the OpenAI-compatible API,
+so it works the same against a server on another machine. The server's refusals (a missing key,
+a rate limit, an over-long conversation) appear in the conversation with the server's message.
+Nothing is loaded from the internet: no analytics, no web fonts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import gradio as gr
+import httpx
+from fastapi import FastAPI
+
+from parallm.errors import UserError
+
+# System fonts only: the page must render the same on a machine without internet.
+THEME = gr.themes.Default(
+    font=["ui-sans-serif", "system-ui", "sans-serif"],
+    font_mono=["ui-monospace", "Consolas", "monospace"],
+)
+# Connecting should be quick; a reply may wait in the server's queue for a while.
+TIMEOUT = httpx.Timeout(10.0, read=600.0)
+# Gradio's run history would keep the page's inputs, an API key among them, in the browser.
+OPTIONS = {"theme": THEME, "run_history": False}
+
+
+class ServerError(Exception):
+    """The server refused or failed a request; the message is the server's own."""
+
+
+class ChatClient:
+    """Streams chat completions from `server_url`; the model is the server's first one unless
+    given."""
+
+    def __init__(self, server_url: str, api_key: str | None, model: str | None = None) -> None:
+        self.server_url = server_url.rstrip("/")
+        self.api_key = api_key
+        self.model = model
+
+    async def stream(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        max_tokens: int | None,
+        temperature: float,
+        api_key: str | None = None,
+    ) -> AsyncIterator[str]:
+        """Yields the reply so far after each chunk; `ServerError` when the server refuses or
+        fails."""
+        key = api_key or self.api_key
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        try:
+            async with httpx.AsyncClient(timeout=TIMEOUT, headers=headers) as client:
+                body: dict[str, Any] = {
+                    "model": self.model or await self._first_model(client),
+                    "messages": messages,
+                    "temperature": temperature,
+                    "stream": True,
+                }
+                if max_tokens:  # 0: as many as the context leaves
+                    body["max_tokens"] = max_tokens
+                url = self.server_url + "/v1/chat/completions"
+                async with client.stream("POST", url, json=body) as response:
+                    if response.status_code != 200:
+                        await response.aread()
+                        raise _server_error(response.status_code, response.text)
+                    text = ""
+                    async for delta in _deltas(response):
+                        text += delta
+                        yield text
+        except httpx.HTTPError as e:
+            raise ServerError(f"cannot reach the server at {self.server_url}: {e}") from e
+
+    async def _first_model(self, client: httpx.AsyncClient) -> str:
+        response = await client.get(self.server_url + "/v1/models")
+        if response.status_code != 200:
+            raise _server_error(response.status_code, response.text)
+        self.model = response.json()["data"][0]["id"]
+        return self.model
+
+
+async def _deltas(response: httpx.Response) -> AsyncIterator[str]:
+    """The content deltas of an OpenAI server-sent event stream, up to `data: [DONE]`."""
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue  # blank separators, comments
+        data = line.removeprefix("data:").strip()
+        if data == "[DONE]":
+            return
+        chunk = json.loads(data)
+        if "error" in chunk:  # the server failed after the stream began
+            raise ServerError(f"server error: {chunk['error'].get('message', chunk['error'])}")
+        for choice in chunk.get("choices", []):
+            if content := choice.get("delta", {}).get("content"):
+                yield content
+
+
+def _server_error(status: int, body: str) -> ServerError:
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = body[:500] or "no message"
+    return ServerError(f"server answered {status}: {message}")
+
+
+def _text(content: Any) -> str:
+    """A Gradio chat message's text: a string, or (Gradio 6) a list of typed parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(_text(part) for part in content)
+    if isinstance(content, dict) and content.get("type") == "text":
+        return content["text"]
+    return ""  # files and components are not sent
+
+
+def build_ui(server_url: str, api_key: str | None, model: str | None = None) -> gr.Blocks:
+    """The chat page for the server at `server_url`. `api_key` is used when the page's own
+    API key field is empty; `model` None is the server's first model, asked at first use."""
+    chat = ChatClient(server_url, api_key, model)
+
+    async def respond(
+        message: str,
+        history: list[dict[str, Any]],
+        system_prompt: str | None,  # None: the Options were never opened
+        max_tokens: float,
+        temperature: float,
+        key: str | None,
+    ) -> AsyncIterator[str | gr.ChatMessage]:
+        system_prompt = (system_prompt or "").strip()
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages += [
+            {"role": m["role"], "content": _text(m["content"])}
+            for m in history
+            if not m.get("metadata")  # an error shown by this page, not part of the conversation
+        ]
+        messages.append({"role": "user", "content": message})
+        try:
+            async for text in chat.stream(
+                messages,
+                max_tokens=int(max_tokens),
+                temperature=temperature,
+                api_key=(key or "").strip(),
+            ):
+                yield text
+        except ServerError as e:
+            # In the conversation, not as a gr.Error: after a gr.Error, Gradio 6 leaves the message
+            # box disabled; here it stays usable and Retry sends the message again.
+            yield gr.ChatMessage(content=str(e), metadata={"title": "Error"})
+
+    return gr.ChatInterface(
+        respond,
+        title="parallm chat",
+        additional_inputs=[
+            gr.Textbox(label="System prompt", lines=2),
+            gr.Slider(0, 4096, value=0, step=1, label="Max tokens (0: as many as fit)"),
+            gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature"),
+            gr.Textbox(label="API key (empty: the page's own)", type="password"),
+        ],
+        additional_inputs_accordion=gr.Accordion("Options", open=False),
+        analytics_enabled=False,
+        # The server batches and queues requests itself; Gradio's default would run one at a time.
+        concurrency_limit=None,
+        fill_height=True,
+    )
+
+
+def mount_ui(app: FastAPI, server_url: str, api_key: str | None, path: str = "/ui") -> FastAPI:
+    """Serve the chat page for `server_url` on `app` at `path`. `api_key` None: $PARALLM_API_KEY."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # Gradio's telemetry helpers read only this
+    key = api_key or os.environ.get("PARALLM_API_KEY")
+    page = build_ui(server_url, key)
+    return gr.mount_gradio_app(app, page, path=path, **OPTIONS)
+
+
+def main(args: argparse.Namespace) -> int:
+    """`parallm ui`: check that the server answers, then serve the page until stopped."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    key = args.api_key or os.environ.get("PARALLM_API_KEY")
+    model = _check_server(args.server, key)
+    page = build_ui(args.server, key, model)
+    page.launch(server_name=args.host, server_port=args.port, show_error=True, **OPTIONS)
+    return 0
+
+
+def _check_server(server_url: str, api_key: str | None) -> str:
+    """The server's first model; a UserError naming the option at fault when it cannot be had."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(server_url.rstrip("/") + "/v1/models", headers=headers, timeout=10)
+    except httpx.HTTPError as e:
+        raise UserError(f"--server: cannot reach {server_url} ({e})") from e
+    if response.status_code in (401, 403):
+        raise UserError(
+            f"--api-key: {server_url} refused it ({response.status_code}); "
+            "give --api-key or set PARALLM_API_KEY"
+        )
+    if response.status_code != 200:
+        raise UserError(f"--server: {server_url}/v1/models answered {response.status_code}")
+    return response.json()["data"][0]["id"]
