@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 from datetime import UTC, datetime, timedelta, timezone
@@ -21,6 +20,7 @@ from parallm.serve.keystore import (
     parse_since,
 )
 from parallm.serve.ratelimit import RateLimiter
+from tests.pg_helpers import postgres_url
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -343,10 +343,19 @@ def test_parse_since_errors(text: str):
         parse_since(text, now=T0)
 
 
-def test_postgresql():
-    url = os.environ.get("PARALLM_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("no PostgreSQL server: set PARALLM_TEST_POSTGRES_URL=postgresql://... to run")
+@pytest.fixture(scope="module")
+def pg_url():
+    with postgres_url() as url:
+        if url is None:
+            pytest.skip(
+                "no PostgreSQL: install Debian's postgresql (.ci/run does) or set "
+                "PARALLM_TEST_POSTGRES_URL=postgresql://..."
+            )
+        yield url
+
+
+def test_postgresql(pg_url):
+    url = pg_url
     with KeyStore(url) as store:
         info, secret = store.create("pg", rpm=5)
         assert store.authenticate(secret) == info
@@ -362,11 +371,12 @@ def test_postgresql():
             _record(store, info.id, f"{info.id}-0", 1, 1)
 
 
-def test_keys_cli_round_trip(tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_keys_cli_round_trip(kind, tmp_path, capsys, request):
     from parallm.cli import main
     from parallm.serve.keystore import KeyStore
 
-    db = str(tmp_path / "k.db")
+    db = str(tmp_path / "k.db") if kind == "sqlite" else request.getfixturevalue("pg_url")
     assert main(["keys", "create", "--name", "team-a", "--rpm", "60", "--db", db]) == 0
     out = capsys.readouterr().out.splitlines()
     secret, key_id = out[1], out[0].split()[1]

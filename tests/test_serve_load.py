@@ -6,18 +6,19 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import sqlite3
 import time
 
 import httpx
 import openai
 import pytest
+import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from parallm.inference.engine import EngineConfig, LLMEngine
 from parallm.serve.app import ServerState, build_app
 from parallm.serve.async_engine import AsyncEngine
 from parallm.serve.keystore import KeyStore
+from tests.pg_helpers import postgres_url
 from tests.serve_helpers import running_server, save_chat_model
 from tests.test_serve import MODEL, wait_idle
 
@@ -44,12 +45,28 @@ def new_key(db, name: str, **limits) -> tuple[str, str]:
     return info.id, secret
 
 
+@pytest.fixture(scope="module")
+def keyed_postgresql(model_dir):
+    """(server URL, key database URL) of a server whose keys are in PostgreSQL."""
+    with postgres_url() as db:
+        if db is None:
+            pytest.skip("no PostgreSQL: install Debian's postgresql (.ci/run does)")
+        KeyStore(db).close()
+        with running_server(model_dir, "--db", db, "--served-model-name", MODEL) as url:
+            yield url, db
+
+
 def usage_rows(db, key_id: str) -> dict[str, tuple[int, int]]:
-    with sqlite3.connect(db) as conn:
-        rows = conn.execute(
-            "SELECT request_id, prompt_tokens, completion_tokens FROM api_usage WHERE key_id = ?",
-            (key_id,),
-        ).fetchall()
+    """The usage table's rows of `key_id`, read straight from the database (a path or a URL)."""
+    engine = sa.create_engine(str(db) if "://" in str(db) else f"sqlite:///{db}")
+    query = sa.text(
+        "SELECT request_id, prompt_tokens, completion_tokens FROM api_usage WHERE key_id = :k"
+    )
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(query, {"k": key_id}).fetchall()
+    finally:
+        engine.dispose()
     return {r[0]: (r[1], r[2]) for r in rows}
 
 
@@ -61,8 +78,9 @@ def wait_rows(db, key_id: str, count: int, timeout: float = 30) -> dict[str, tup
     return rows
 
 
-def test_keys_are_required_and_usage_is_exact(keyed):
-    url, db = keyed
+@pytest.mark.parametrize("server", ["keyed", "keyed_postgresql"])
+def test_keys_are_required_and_usage_is_exact(server, request):
+    url, db = request.getfixturevalue(server)
     r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     bad = openai.OpenAI(base_url=url + "/v1", api_key="pk-wrong", max_retries=0)
