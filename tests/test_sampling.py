@@ -12,6 +12,7 @@ from parallm.errors import UserError
 from parallm.inference.sampling import (
     Sampler,
     SamplingParams,
+    _draw,
     apply_penalties,
     make_generator,
 )
@@ -276,3 +277,22 @@ def test_logprobs_are_raw_top_n_sorted():
     # logprobs=0: the chosen token only; greedy takes the top token, rank 1.
     assert third["top"] == {} and third["rank"] == 1
     assert third["logprob"] == pytest.approx(raw[2].max().item(), abs=1e-6)
+
+
+def test_draw_follows_the_distribution_and_never_picks_a_zero():
+    """Inverse-CDF draws: zero-probability tokens (first, between and last) are never picked,
+    the others at their frequency; seeded rows repeat with their seed."""
+    probs = torch.tensor([0.0, 0.2, 0.0, 0.0, 0.5, 0.3, 0.0])
+    n = 8000
+    torch.manual_seed(3)
+    tokens = _draw(probs.repeat(n, 1), [None] * n)
+    freq = torch.bincount(tokens, minlength=7).float() / n
+    assert set(tokens.tolist()) == {1, 4, 5}
+    assert torch.allclose(freq, probs, atol=0.02), freq
+    gens = [make_generator(s, "cpu") for s in range(200)]
+    seeded = _draw(probs.repeat(200, 1), gens)
+    again = _draw(probs.repeat(200, 1), [make_generator(s, "cpu") for s in range(200)])
+    assert seeded.tolist() == again.tolist() and set(seeded.tolist()) <= {1, 4, 5}
+    # A row whose only token is the last one, and one whose only token is the first.
+    one_hot = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    assert _draw(one_hot, [None, None]).tolist() == [2, 0]

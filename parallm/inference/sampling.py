@@ -258,20 +258,29 @@ def truncate(
 
 
 def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """One token per row of `probs` (R, V), by the exponential race: argmax(p_i / q_i) with
-    q_i ~ Exp(1) picks token i with probability p_i. Seeded rows draw their noise from their own
-    generator (so a row's draw does not depend on its batch); the others share the default one."""
+    """One token per row of `probs` (R, V) by inverse transform sampling: the first token whose
+    cumulative probability exceeds u * total, u ~ U[0, 1), picks token i with probability p_i.
+    One uniform per row: seeded rows draw theirs from their own generator (so a row's draw does
+    not depend on its batch), the others from the default one. (The exponential race, argmax of
+    p_i / q_i with q_i ~ Exp(1), needs V random numbers per row: on a CPU with a 16k vocabulary
+    that cost more than the model's attention.)"""
     R, V = probs.shape
-    q = torch.empty_like(probs)
-    unseeded = [r for r, g in enumerate(generators) if g is None]
-    if unseeded:
-        q[unseeded] = torch.empty(len(unseeded), V, device=probs.device).exponential_()
+    device = probs.device
+    u = torch.rand(R, device=device)  # unseeded rows keep these
     for r, g in enumerate(generators):
         if g is not None:
-            q[r].exponential_(generator=g)
-    # Exp(1) can round to 0; 0 / 0 would be NaN, which argmax would pick.
-    q.clamp_(min=torch.finfo(q.dtype).tiny)
-    return (probs / q).argmax(dim=1)
+            u[r] = torch.rand((), generator=g, device=g.device).to(device)
+    # float32 is enough: each token's share of the running sum is off by one rounding at most,
+    # and a token of probability 0 leaves the sum unchanged, so it is never picked.
+    cdf = probs.float().cumsum(dim=1)
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp_(max=V - 1)
+    # Where u * total rounded up to the total, the search ends past the last token that can be
+    # picked (on a token of probability 0): take that last token.
+    bad = probs.gather(1, picked[:, None])[:, 0] == 0
+    if bool(bad.any()):
+        nonzero = torch.where(probs[bad] > 0, torch.arange(V, device=device), 0)
+        picked[bad] = nonzero.amax(dim=1)
+    return picked
 
 
 class Sampler:
@@ -290,8 +299,11 @@ class Sampler:
         logits = logits.float()
         device = logits.device
         penalised = apply_penalties(logits, params, histories)
-        token_ids = penalised.argmax(dim=1)  # the greedy rows' answer; sampled rows overwrite it
         rows = [i for i, p in enumerate(params) if not p.greedy]
+        if len(rows) < B:
+            token_ids = penalised.argmax(dim=1)  # the greedy rows' answer; sampled rows overwrite
+        else:
+            token_ids = torch.empty(B, dtype=torch.long, device=device)
         if rows:
             idx = torch.tensor(rows, device=device)
             sub = penalised[idx]  # (R, V)
