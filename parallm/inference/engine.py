@@ -58,8 +58,9 @@ PROMPT_LOGPROBS_CHUNK = 256
 @dataclass(kw_only=True)
 class EngineConfig:
     """How the engine sizes its cache and batches. `kv_cache_memory`: bytes for the KV cache
-    (an int), or on a GPU a fraction (0, 1] of the memory free after loading the model; with
-    tensor parallelism it is per rank, each rank caching its share of the KV heads.
+    (an int), or on a GPU a fraction (0, 1] of the memory free after loading the model, less
+    the measured peak of the largest step (default on a GPU: 0.8); with tensor parallelism it
+    is per rank, each rank caching its share of the KV heads.
     `tensor_parallel_size`: processes (GPUs: cuda:0..N-1) the model is sharded over."""
 
     max_model_len: int | None = None  # default: the model's context
@@ -183,24 +184,72 @@ def _run_worker(
 def _kv_cache_blocks(
     model: Transformer, config: EngineConfig, max_model_len: int
 ) -> tuple[int, int]:
-    """The KV cache budget in bytes of this rank, and how many blocks it holds."""
+    """The KV cache budget in bytes of this rank, and how many blocks it holds.
+
+    On a GPU a fraction (default 0.8) of the memory free after loading the model, less the peak
+    a step of `max_num_batched_tokens` tokens needs on top (measured by running one: see
+    `step_peak_bytes`), so that no step runs out of memory once the cache is allocated."""
     c = config
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     if isinstance(c.kv_cache_memory, float) and c.kv_cache_memory <= 1:
         if device.type != "cuda":
             raise UserError("kv_cache_memory: a fraction needs a GPU; give bytes on CPU")
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * c.kv_cache_memory)
+        budget = _gpu_budget(model, c, c.kv_cache_memory, device)
     elif c.kv_cache_memory is not None:
         budget = int(c.kv_cache_memory)
     elif device.type == "cuda":
-        budget = int(torch.cuda.mem_get_info(device)[0] * 0.8)
+        budget = _gpu_budget(model, c, 0.8, device)
     else:
         # CPU: room for max_num_seqs full contexts, at most 1 GiB.
         per_token = KVPool.bytes_per_block(model.args, 1, local_kv_heads(model), dtype)
         budget = min(GiB, c.max_num_seqs * max_model_len * per_token)
     return budget, blocks_for_budget(model, budget, c.block_size, dtype)
+
+
+def _gpu_budget(model: Transformer, config: EngineConfig, fraction: float, device) -> int:
+    peak = step_peak_bytes(model, config.max_num_batched_tokens, config.max_num_seqs)
+    free, _ = torch.cuda.mem_get_info(device)  # after the profiled step's memory is released
+    return kv_budget(free, fraction, peak, config.max_num_batched_tokens)
+
+
+def kv_budget(free: int, fraction: float, step_peak: int, step_tokens: int) -> int:
+    """Bytes for the KV cache: `fraction` of the `free` bytes, less a step's peak; a UserError
+    when nothing is left."""
+    budget = int(free * fraction) - step_peak
+    if budget <= 0:
+        raise UserError(
+            f"kv_cache_memory: {fraction:g} of the {free / GiB:.2f} GiB free leaves no room for a "
+            f"KV cache after a step's {step_peak / GiB:.2f} GiB "
+            f"(max_num_batched_tokens={step_tokens}); raise it or lower max_num_batched_tokens"
+        )
+    return budget
+
+
+@torch.inference_mode()
+def step_peak_bytes(model: Transformer, num_tokens: int, num_seqs: int) -> int:
+    """Run the forward of the largest step (`num_tokens` tokens, logits for `num_seqs` of them,
+    then the sampler's float32 copies of those logits) and return the peak bytes it allocated
+    beyond what was in use before; 0 on a device whose memory torch does not count (CPU).
+    Every tensor-parallel rank must call it: the forward runs collectives."""
+    device = next(model.parameters()).device
+    counted = device.type == "cuda"
+    if counted:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    ids = torch.zeros(1, num_tokens, dtype=torch.long, device=device)
+    rows = torch.arange(num_tokens - min(num_seqs, num_tokens), num_tokens, device=device)
+    logits = model(ids, logit_rows=rows)[0]
+    probs = logits.float().softmax(dim=-1)  # as the sampler: float32 probabilities, their cumsum
+    probs.cumsum(dim=-1)
+    if not counted:
+        return 0
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del ids, rows, logits, probs
+    torch.cuda.empty_cache()
+    return peak
 
 
 class LLMEngine:
