@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import math
 import os
 import sys
@@ -37,6 +36,7 @@ import numpy as np
 
 from parallm.bench import parse_len_range
 from parallm.errors import UserError
+from parallm.serve.sse_client import error_message, parse_sse
 from parallm.utils.fs import write_json_atomic
 
 LATENCIES = ("ttft", "tpot", "itl", "e2e")
@@ -152,15 +152,6 @@ class RequestResult:
         return (self.e2e - self.ttft) / (self.output_tokens - 1)
 
 
-def parse_sse(line: str) -> dict | str | None:
-    """The payload of one server-sent-event line: a JSON object, "[DONE]", or None (blank,
-    comment or other field)."""
-    if not line.startswith("data:"):
-        return None
-    data = line[len("data:") :].strip()
-    return data if data == "[DONE]" else json.loads(data)
-
-
 def result_from_events(req: Request, events: list[tuple[float, dict | str]]) -> RequestResult:
     """A request's result from its stream's payloads, each with its arrival time (s from send).
 
@@ -194,11 +185,7 @@ def result_from_events(req: Request, events: list[tuple[float, dict | str]]) -> 
 
 
 def _error_message(status: int, body: bytes) -> str:
-    try:
-        message = json.loads(body)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = body.decode(errors="replace")[:200]
-    return f"HTTP {status}: {message}"
+    return f"HTTP {status}: {error_message(body, limit=200)}"
 
 
 async def send_request(

@@ -10,7 +10,6 @@ Nothing is loaded from the internet: no analytics, no web fonts.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,6 +19,7 @@ import httpx
 from fastapi import FastAPI
 
 from parallm.errors import UserError
+from parallm.serve.sse_client import error_message, parse_sse
 
 # System fonts only: the page must render the same on a machine without internet.
 THEME = gr.themes.Default(
@@ -90,12 +90,11 @@ class ChatClient:
 async def _deltas(response: httpx.Response) -> AsyncIterator[str]:
     """The content deltas of an OpenAI server-sent event stream, up to `data: [DONE]`."""
     async for line in response.aiter_lines():
-        if not line.startswith("data:"):
+        chunk = parse_sse(line)
+        if chunk is None:
             continue  # blank separators, comments
-        data = line.removeprefix("data:").strip()
-        if data == "[DONE]":
+        if chunk == "[DONE]":
             return
-        chunk = json.loads(data)
         if "error" in chunk:  # the server failed after the stream began
             raise ServerError(f"server error: {chunk['error'].get('message', chunk['error'])}")
         for choice in chunk.get("choices", []):
@@ -104,11 +103,7 @@ async def _deltas(response: httpx.Response) -> AsyncIterator[str]:
 
 
 def _server_error(status: int, body: str) -> ServerError:
-    try:
-        message = json.loads(body)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = body[:500] or "no message"
-    return ServerError(f"server answered {status}: {message}")
+    return ServerError(f"server answered {status}: {error_message(body)}")
 
 
 def _text(content: Any) -> str:
