@@ -37,7 +37,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from parallm.errors import UserError
-from parallm.inference.paged_attention import KVPool, PagedAttention, StepMetadata
+from parallm.inference.paged_attention import PAD_POS, KVPool, PagedAttention, StepMetadata
 from parallm.models.llama.model import AttentionBackend
 
 TILE = 128  # flex attention's default block size, for queries and keys
@@ -76,7 +76,7 @@ class FlexStep:
         ctx = md.kv_pos <= last_pos[:, None]  # (B, max_ctx)
         slots = md.kv_slots[ctx]
         # Unused slots get a position past any query, so `slot_pos <= q_pos` rejects them.
-        self.slot_pos = torch.full((num_slots,), 2**40, dtype=torch.long, device=device)
+        self.slot_pos = torch.full((num_slots,), PAD_POS, dtype=torch.long, device=device)
         self.slot_pos[slots] = md.kv_pos[ctx]  # shared slots get the same position from all
         # (B', num_blocks) with B' >= 2 (a spare empty row): a one-sequence step would otherwise
         # specialise the compiled kernel on B == 1 and cost a recompile.

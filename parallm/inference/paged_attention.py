@@ -23,6 +23,7 @@ and shared by all layers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -48,6 +49,8 @@ class KVPool:
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * args.n_layers * block_size * n_kv_heads * args.head_dim * elem
 
+
+PAD_POS = 2**40  # the position of padding context entries: past any query, so always masked
 
 # A group's padded attention (sequences x longest query x longest context) may cost at most this
 # many times its sequences' own query x context products before the group is split.
@@ -126,10 +129,23 @@ class PaddedBatch:
 class StepMetadata(PaddedBatch):
     """Where the N flat tokens of one step come from and what they may attend to: every
     sequence of the step padded together (the flex backend's view), `groups` of them padded
-    apart (the portable backend's), and `slot_mapping` (N,), the cache slot of each new token."""
+    apart (the portable backend's, made on first use), and `slot_mapping` (N,), the cache slot
+    of each new token."""
 
     slot_mapping: torch.Tensor
-    groups: list[PaddedBatch] = field(default_factory=list)
+    host: PaddedBatch  # the same grids on the CPU, which the groups are cut from
+
+    @cached_property
+    def groups(self) -> list[PaddedBatch]:
+        lengths = self.host.q_valid.sum(dim=1).tolist()
+        contexts = (self.host.kv_pos < PAD_POS).sum(dim=1).tolist()
+        device = self.slot_mapping.device
+        return [
+            self.host.select(
+                rows, max(lengths[b] for b in rows), max(contexts[b] for b in rows), device
+            )
+            for rows in group_rows(lengths, contexts)
+        ]
 
     @classmethod
     def build(
@@ -164,18 +180,13 @@ class StepMetadata(PaddedBatch):
             q_valid=torch.from_numpy(q_valid),
             q_pos=torch.from_numpy(q_pos),
             kv_slots=torch.from_numpy(np.where(kv_valid, slots, 0)),
-            kv_pos=torch.from_numpy(np.where(kv_valid, pos, 2**40)),
+            kv_pos=torch.from_numpy(np.where(kv_valid, pos, PAD_POS)),
         )
         # The new tokens' slots, sequence after sequence: row-major order of the valid grid cells.
         rows, cols = q_valid.nonzero()
         slot_mapping = torch.from_numpy(slots[rows, q_pos[rows, cols]])
-        ctx, lengths = ctx.tolist(), count.tolist()
-        groups = [
-            full.select(rows, max(lengths[b] for b in rows), max(ctx[b] for b in rows), device)
-            for rows in group_rows(lengths, ctx)
-        ]
         everything = full.select(list(range(n_seq)), max_q, max_ctx, device)
-        return cls(slot_mapping=slot_mapping.to(device), groups=groups, **vars(everything))
+        return cls(slot_mapping=slot_mapping.to(device), host=full, **vars(everything))
 
 
 class PagedAttention:
