@@ -1,7 +1,8 @@
 """`parallm` command line: thin wrappers over the Python API.
 
 A `UserError` (or a bad argument) prints one line on stderr and exits 2; a bug keeps its
-traceback and exits 1.
+traceback and exits 1. The server's modules are imported only by the commands that need them
+(serve, ui, keys, bench serve), so a training-only install (no `serve` extra) runs the rest.
 """
 
 from __future__ import annotations
@@ -9,8 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import MISSING, fields
 
 from parallm.errors import UserError
+from parallm.extras import import_extra
+from parallm.serve.config import DEFAULT_KEYS_DB, ServerConfig
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,6 +88,8 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
     if args.what not in ("train", "infer", "serve"):
         raise UserError(f"bench: {args.what!r} is not a benchmark; valid: train, infer, serve")
     if args.what == "serve":
+        import_extra("matplotlib", command="bench serve", extra="serve")
+        import_extra("parallm.bench.serve", command="bench serve", extra="serve")
         from parallm.bench import serve as bench_serve
 
         return bench_serve.main(rest)
@@ -111,10 +117,8 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-DEFAULT_KEYS_DB = "~/.parallm/keys.db"
-
-
 def _keys(args: argparse.Namespace) -> int:
+    import_extra("parallm.serve.keystore", command="keys", extra="serve")
     from parallm.serve.keystore import KeyStore, format_keys, format_usage, parse_since
 
     with KeyStore(args.db) as store:
@@ -134,12 +138,15 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from parallm.serve.app import serve
+    config = ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
+    import_extra("parallm.serve.server", command="serve", extra="serve")
+    from parallm.serve.server import serve
 
-    return serve(args)
+    return serve(config)
 
 
 def _ui(args: argparse.Namespace) -> int:
+    import_extra("parallm.serve.ui", command="ui", extra="ui")
     from parallm.serve.ui import main as ui_main
 
     return ui_main(args)
@@ -188,50 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--micro-batch", type=int, default=1)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
 
-    keys = sub.add_parser("keys", help="API keys of the server: create, list, revoke, usage")
-    keys_sub = keys.add_subparsers(dest="action", required=True, parser_class=_Parser)
     db_help = f"key database: a SQLite path or a SQLAlchemy URL (default {DEFAULT_KEYS_DB})"
-    create = keys_sub.add_parser("create", help="create a key (printed once)")
-    create.add_argument("--name", required=True)
-    create.add_argument("--rpm", type=int, default=None, help="requests per minute limit")
-    create.add_argument("--tpm", type=int, default=None, help="tokens per minute limit")
-    listing = keys_sub.add_parser("list", help="list keys (prefixes only)")
-    revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
-    revoke.add_argument("id")
-    usage = keys_sub.add_parser("usage", help="prompt and completion tokens per key")
-    usage.add_argument("--since", default=None, help="ISO date/time or an age: 24h, 7d")
-    for p in (create, listing, revoke, usage):
-        p.add_argument("--db", default=DEFAULT_KEYS_DB, help=db_help)
-
+    keys = sub.add_parser("keys", help="API keys of the server: create, list, revoke, usage")
+    _add_keys_actions(keys, db_help)
     serve = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible HTTP API")
-    serve.add_argument("--model", required=True, help="model directory (HF format)")
-    serve.add_argument(
-        "--served-model-name", default=None, help="name in the API (default: --model)"
-    )
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--tensor-parallel-size", type=int, default=1)
-    serve.add_argument("--max-model-len", type=int, default=None, help="default: model's context")
-    serve.add_argument(
-        "--kv-cache-memory",
-        type=float,
-        default=None,
-        help="bytes, or a fraction <= 1 of GPU memory",
-    )
-    serve.add_argument("--max-num-seqs", type=int, default=256, help="sequences per step")
-    serve.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step")
-    serve.add_argument("--max-waiting", type=int, default=1024, help="queued requests before 429")
-    serve.add_argument("--max-body-bytes", type=int, default=8 << 20, help="request body limit")
-    serve.add_argument("--no-prefix-caching", action="store_true")
-    serve.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
-    serve.add_argument("--device", default=None, help="cpu | cuda")
-    serve.add_argument("--attention-backend", default="auto", help="auto | portable | flex")
-    serve.add_argument("--db", default=DEFAULT_KEYS_DB, help=db_help)
-    serve.add_argument(
-        "--no-auth", action="store_true", help="accept requests without a key (local use)"
-    )
-    serve.add_argument("--ui", action="store_true", help="also serve the chat page at /ui")
-    serve.add_argument("--log-level", default="warning", help="uvicorn log level")
+    _add_serve_options(serve, db_help)
 
     ui = sub.add_parser("ui", help="a web chat page for a running `parallm serve`")
     ui.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8000")
@@ -246,6 +214,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("what", help="train | infer | serve")
     return parser
+
+
+def _add_keys_actions(keys: argparse.ArgumentParser, db_help: str) -> None:
+    keys_sub = keys.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    create = keys_sub.add_parser("create", help="create a key (printed once)")
+    create.add_argument("--name", required=True)
+    create.add_argument("--rpm", type=int, default=None, help="requests per minute limit")
+    create.add_argument("--tpm", type=int, default=None, help="tokens per minute limit")
+    listing = keys_sub.add_parser("list", help="list keys (prefixes only)")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("id")
+    usage = keys_sub.add_parser("usage", help="prompt and completion tokens per key")
+    usage.add_argument("--since", default=None, help="ISO date/time or an age: 24h, 7d")
+    for p in (create, listing, revoke, usage):
+        p.add_argument("--db", default=DEFAULT_KEYS_DB, help=db_help)
+
+
+def _add_serve_options(serve: argparse.ArgumentParser, db_help: str) -> None:
+    """One option per `ServerConfig` field, with its defaults."""
+    serve.add_argument("--model", required=True, help="model directory (HF format)")
+    serve.add_argument("--served-model-name", help="name in the API (default: --model)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--tensor-parallel-size", type=int)
+    serve.add_argument("--max-model-len", type=int, help="default: model's context")
+    serve.add_argument(
+        "--kv-cache-memory", type=float, help="bytes, or a fraction <= 1 of GPU memory"
+    )
+    serve.add_argument("--max-num-seqs", type=int, help="sequences per step")
+    serve.add_argument("--max-num-batched-tokens", type=int, help="tokens per step")
+    serve.add_argument("--max-waiting", type=int, help="queued requests before 429")
+    serve.add_argument("--max-body-bytes", type=int, help="request body limit")
+    serve.add_argument("--no-prefix-caching", action="store_true")
+    serve.add_argument("--dtype", help="float32 | bfloat16 | float16")
+    serve.add_argument("--device", help="cpu | cuda")
+    serve.add_argument("--attention-backend", help="auto | portable | flex")
+    serve.add_argument("--db", help=db_help)
+    serve.add_argument(
+        "--no-auth", action="store_true", help="accept requests without a key (local use)"
+    )
+    serve.add_argument("--ui", action="store_true", help="also serve the chat page at /ui")
+    serve.add_argument("--log-level", help="uvicorn log level")
+    serve.set_defaults(
+        **{f.name: f.default for f in fields(ServerConfig) if f.default is not MISSING}
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,8 +21,6 @@ import tomli_w
 from parallm.errors import UserError
 from parallm.utils.fs import read_text
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
-
 
 def _check(ok: bool, name: str, value: Any, valid: str) -> None:
     """Raise a UserError for `name` = `value` unless `ok`; `valid` says what would be valid."""
@@ -78,7 +76,7 @@ class ModelConfig:
     """A model to start from (`path`, a HF directory) or the shape of a fresh one."""
 
     path: str | None = None
-    architecture: str = "llama"
+    architecture: str = "llama"  # a registered model type (parallm.models.registry)
     vocab_size: int | None = None  # defaults to the tokenizer's vocabulary
     dim: int = 256
     n_layers: int = 4
@@ -92,11 +90,14 @@ class ModelConfig:
     tie_embeddings: bool = False
 
     def __post_init__(self) -> None:
+        from parallm.models.registry import model_types
+
+        types_ = model_types()
         _check(
-            self.architecture in ARCHITECTURES,
+            self.architecture in types_,
             "model.architecture",
             self.architecture,
-            f"valid: {', '.join(ARCHITECTURES)}",
+            f"valid: {', '.join(types_)}",
         )
         for name in ("dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
             value = getattr(self, name)
@@ -267,6 +268,31 @@ class GenerateConfig:
         _check(0 < self.top_p <= 1, "generate.top_p", self.top_p, "must be in (0, 1]")
 
 
+TASK_ATTENTION = ("causal", "document")
+
+
+@dataclass(kw_only=True)
+class TaskConfig:
+    """The training objective (`parallm/train/tasks/`): `pretrain` (causal LM on packed text).
+    `attention`: `causal` over whole rows, or `document`: packed documents do not attend to each
+    other and their positions restart (a document ends at EOS)."""
+
+    name: str = "pretrain"
+    attention: str = "causal"
+
+    def __post_init__(self) -> None:
+        from parallm.train.tasks import task_names
+
+        names = task_names()
+        _check(self.name in names, "task.name", self.name, f"valid: {', '.join(names)}")
+        _check(
+            self.attention in TASK_ATTENTION,
+            "task.attention",
+            self.attention,
+            f"valid: {', '.join(TASK_ATTENTION)}",
+        )
+
+
 @dataclass(kw_only=True)
 class JobConfig:
     """A training job: one field per TOML section."""
@@ -274,6 +300,7 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -13,6 +13,8 @@ import torch
 from parallm.config import JobConfig, load_config
 from parallm.models.hf import load_pretrained
 from parallm.tokenizer import save_tokenizer_dir, train_bpe_tokenizer
+from parallm.train.tasks import IGNORE_INDEX, Batch, register_task
+from parallm.train.tasks.pretrain import Pretrain
 
 CORPUS = [
     "def add(a, b):\n    return a + b\n",
@@ -31,6 +33,28 @@ def make_corpus(root: Path) -> tuple[Path, Path]:
     texts = [p.read_text() for p in sorted(data.iterdir())]
     tok = save_tokenizer_dir(train_bpe_tokenizer(iter(texts), 300), root / "tokenizer")
     return data, tok
+
+
+@register_task
+class SparseLabels(Pretrain):
+    """Pre-training whose labels are masked very unevenly (a plug-in task defined by a test):
+    rows starting with an even token count only their first 3 labels, the rest all of them, so
+    data-parallel ranks, context-parallel chunks and micro-batches hold very different numbers
+    of counted tokens, and some micro-batches may hold almost none."""
+
+    name = "test_sparse_labels"
+
+    def batch(self, rows: torch.Tensor) -> Batch:
+        batch = super().batch(rows)
+        t = batch.labels.shape[1]
+        keep = torch.where(rows[:, :1] % 2 == 0, 3, t)  # (B, 1) labels kept per row
+        masked = torch.arange(t)[None, :] >= keep
+        batch.labels = batch.labels.masked_fill(masked, IGNORE_INDEX)
+        return batch
+
+
+# The masked job: the sparse labels above, packed documents that do not see each other.
+MASKED = ("--task.name=test_sparse_labels", "--task.attention=document")
 
 
 def job(data: Path, tokenizer: Path, out: Path, *extra: str) -> JobConfig:

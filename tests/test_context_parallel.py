@@ -21,7 +21,9 @@ from parallm.distributed.context_parallel import (
     shard_sequence,
     unshard_sequence,
 )
-from parallm.models.llama.model import ModelArgs, Transformer, attention_mask, sdpa
+from parallm.models.attention import AttentionInputs, AttentionSpec, attention_mask, sdpa
+from parallm.models.build import init_weights
+from parallm.models.llama.model import ModelArgs, Transformer
 from parallm.testing.distributed import run_distributed
 
 ATOL = 1e-5
@@ -40,7 +42,12 @@ def _attention_errors(
     errors = {}
     for window in windows:
         q, k, v = (x.clone().requires_grad_() for x in full)
-        ref = sdpa(q, k, v, None if window is None else attention_mask(pos, pos, window))
+        ref = sdpa(
+            q,
+            k,
+            v,
+            None if window is None else attention_mask(pos, pos, AttentionSpec(window=window)),
+        )
         ref.backward(grad_out)
         for load_balance in layouts:
 
@@ -48,7 +55,8 @@ def _attention_errors(
                 return shard_sequence(x, rank, cp, load_balance=lb)
 
             lq, lk, lv = (shard(x.detach()).requires_grad_() for x in (q, k, v))
-            out = backend(lq, lk, lv, layer_idx=0, positions=shard(pos), sliding_window=window)
+            attn = AttentionInputs(shard(pos), AttentionSpec(window=window))
+            out = backend(lq, lk, lv, layer_idx=0, attn=attn)
             out.backward(shard(grad_out))
             pairs = [(out, ref), (lq.grad, q.grad), (lk.grad, k.grad), (lv.grad, v.grad)]
             key = f"window={window} load_balance={load_balance}"
@@ -72,8 +80,7 @@ def _backends_vs_reference(rank: int, cp: int, heads: tuple[int, int]) -> dict:
             kv,
             kv,
             layer_idx=0,
-            positions=torch.zeros(1, 8, dtype=torch.long),
-            sliding_window=None,
+            attn=AttentionInputs(torch.zeros(1, 8, dtype=torch.long)),
         )
         results["head error"] = None
     except ValueError as e:
@@ -103,7 +110,7 @@ def _tiny_model() -> Transformer:
         sliding_windows=[None, 5],  # one full-attention layer, one windowed
     )
     model = Transformer(args)
-    model.init_weights(seed=0)
+    init_weights(model, 0)
     return model
 
 

@@ -108,7 +108,7 @@ def test_close_ends_the_workers(llm_tp):
 def _in_process_group(rank: int, world_size: int, d, prompts: list[list[int]]):
     with LLM(d, tensor_parallel_size=world_size, **ENGINE) as llm:
         assert multiprocessing.active_children() == []  # the group's ranks serve; none spawned
-        if not llm.engine.is_driver:
+        if not llm.is_driver:
             return None
         return [o.outputs[0].token_ids for o in llm.generate(prompts, _greedy(6))]
 

@@ -6,6 +6,7 @@ import torch
 from parallm.errors import UserError
 from parallm.inference.flex_attention import FlexPagedAttention, make_backend
 from parallm.inference.paged_attention import KVPool, PagedAttention, StepMetadata
+from parallm.models.build import init_weights
 from parallm.models.llama.model import ModelArgs, Transformer
 
 BLOCK = 4
@@ -45,7 +46,7 @@ def run_step(model, backend, chunks) -> torch.Tensor:
 def test_flex_matches_portable_and_full_forward():
     torch.manual_seed(0)
     model = Transformer(ARGS)
-    model.init_weights(0)
+    init_weights(model, 0)
     model.eval()
     s1 = torch.randint(0, 64, (11,)).tolist() + [9, 7]  # the last two: decode tokens
     s2 = torch.randint(0, 64, (6,)).tolist() + [3]

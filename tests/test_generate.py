@@ -8,7 +8,8 @@ from hf_models import greedy_reference, save_hf_model, save_hf_model_with_tokeni
 
 import parallm
 from parallm.errors import UserError
-from parallm.generate import SamplingOptions, generate, sample_next
+from parallm.generate import generate, sample_next
+from parallm.inference.sampling import SamplingParams
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,7 +26,7 @@ def test_greedy_equals_transformers(variant, tmp_path):
     model = parallm.load_pretrained(tmp_path, dtype=torch.float32)
     for prompt in _prompts(model.args.vocab_size):
         expected = greedy_reference(ref, prompt, 24)
-        got = generate(model, prompt, SamplingOptions(max_tokens=24))
+        got = generate(model, prompt, SamplingParams(max_tokens=24, temperature=0))
         assert got == expected, (variant, len(prompt))
 
 
@@ -33,7 +34,7 @@ def test_cached_logits_equal_full_forward(tmp_path):
     save_hf_model("mistral", tmp_path)
     model = parallm.load_pretrained(tmp_path, dtype=torch.float32)
     prompt = _prompts(model.args.vocab_size)[2]
-    out = generate(model, prompt, SamplingOptions(max_tokens=10))
+    out = generate(model, prompt, SamplingParams(max_tokens=10, temperature=0))
     with torch.no_grad():
         full = model(torch.tensor([prompt + out]))[0].argmax(-1)
     assert full[len(prompt) - 1 : -1].tolist() == out
@@ -42,10 +43,10 @@ def test_cached_logits_equal_full_forward(tmp_path):
 def test_stop_token_and_seeded_sampling(tmp_path):
     save_hf_model("llama3", tmp_path)
     model = parallm.load_pretrained(tmp_path, dtype=torch.float32)
-    opts = SamplingOptions(max_tokens=20, temperature=1.0, top_k=20, top_p=0.9, seed=7)
+    opts = SamplingParams(max_tokens=20, temperature=1.0, top_k=20, top_p=0.9, seed=7)
     a = generate(model, [5, 6, 7], opts)
     assert a == generate(model, [5, 6, 7], opts)
-    assert a != generate(model, [5, 6, 7], SamplingOptions(**{**vars(opts), "seed": 8}))
+    assert a != generate(model, [5, 6, 7], SamplingParams(**{**vars(opts), "seed": 8}))
     stopped = generate(model, [5, 6, 7], opts, stop_token_ids=[a[3]])
     assert stopped == a[: a.index(a[3]) + 1]
 
@@ -53,12 +54,12 @@ def test_stop_token_and_seeded_sampling(tmp_path):
 def test_top_k_and_top_p_restrict_choices():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]]).repeat(200, 1)
     g = torch.Generator().manual_seed(0)
-    k2 = sample_next(logits, SamplingOptions(temperature=1.0, top_k=2), g)
+    k2 = sample_next(logits, SamplingParams(temperature=1.0, top_k=2), g)
     assert set(k2.tolist()) == {3, 4}
     # softmax of 0..4: p(4)=0.636, p(3)=0.234 -> top_p 0.8 keeps exactly {4, 3}
-    p = sample_next(logits, SamplingOptions(temperature=1.0, top_p=0.8), g)
+    p = sample_next(logits, SamplingParams(temperature=1.0, top_p=0.8), g)
     assert set(p.tolist()) == {3, 4}
-    assert set(sample_next(logits, SamplingOptions(temperature=1.0, top_p=0.5), g).tolist()) == {4}
+    assert set(sample_next(logits, SamplingParams(temperature=1.0, top_p=0.5), g).tolist()) == {4}
 
 
 @pytest.mark.parametrize(
@@ -73,7 +74,7 @@ def test_bad_requests(tmp_path, prompt, opts, match):
     save_hf_model("llama3", tmp_path)
     model = parallm.load_pretrained(tmp_path, dtype=torch.float32)
     with pytest.raises(UserError, match=match):
-        generate(model, prompt, SamplingOptions(**opts))
+        generate(model, prompt, SamplingParams(**opts))
 
 
 @pytest.mark.parametrize(
@@ -81,7 +82,7 @@ def test_bad_requests(tmp_path, prompt, opts, match):
 )
 def test_bad_sampling_options(opts):
     with pytest.raises(UserError):
-        SamplingOptions(**opts)
+        SamplingParams(**opts)
 
 
 def test_cli_generate_greedy_equals_transformers(tmp_path, capsys):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from parallm.errors import UserError
-from parallm.inference.engine import GiB, kv_budget, step_peak_bytes
+from parallm.inference.kv_budget import GiB, kv_budget, step_peak_bytes
+from parallm.models.build import init_weights
 from parallm.models.llama.model import ModelArgs, Transformer
 
 
@@ -19,7 +20,7 @@ def test_profiling_step_runs_on_cpu(tokens, seqs):
         max_seq_len=32,
     )  # fmt: skip
     model = Transformer(args)
-    model.init_weights(0)
+    init_weights(model, 0)
     assert step_peak_bytes(model.eval(), tokens, seqs) == 0  # CPU memory is not counted
 
 

@@ -12,6 +12,7 @@ from parallm.inference.paged_attention import (
     StepMetadata,
     group_rows,
 )
+from parallm.models.build import init_weights
 from parallm.models.llama.model import ModelArgs, Transformer
 
 
@@ -45,7 +46,7 @@ def test_mixed_step_equals_full_forward():
         sliding_windows=[None, 7],
     )  # fmt: skip
     model = Transformer(args)
-    model.init_weights(0)
+    init_weights(model, 0)
     model.eval()
     block = 4
     pool = KVPool(args, num_blocks=200, block_size=block, n_kv_heads=2, dtype=torch.float32,

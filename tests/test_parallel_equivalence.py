@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from parallel_jobs import assert_weights_close, job, make_corpus, train_worker, weights
+from parallel_jobs import MASKED, assert_weights_close, job, make_corpus, train_worker, weights
 
 from parallm.testing.distributed import run_distributed
 from parallm.train.trainer import Trainer
@@ -42,21 +42,48 @@ LAYOUTS = {
 }
 
 
+def _reference(root, *extra: str):
+    data, tok = make_corpus(root)
+    records = Trainer(job(data, tok, root / "single", *extra)).fit()
+    return data, tok, records, weights(root / "single" / "hf"), extra
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ref")
-    data, tok = make_corpus(root)
-    records = Trainer(job(data, tok, root / "single")).fit()
-    return data, tok, records, weights(root / "single" / "hf")
+    return _reference(tmp_path_factory.mktemp("ref"))
+
+
+@pytest.fixture(scope="module")
+def masked_reference(tmp_path_factory):
+    """The masked job: loss on very different numbers of tokens per rank, document attention."""
+    return _reference(tmp_path_factory.mktemp("masked"), *MASKED)
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_layout_equals_single_process(name, reference, tmp_path):
-    data, tok, ref_records, ref_weights = reference
+    _check_layout(name, reference, tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_masked_layout_equals_single_process(name, masked_reference, tmp_path):
+    """The loss is normalised by the global count of counted tokens, so uneven masks (and
+    packed documents) give the single-process losses and weights on every layout too."""
+    _check_layout(name, masked_reference, tmp_path)
+
+
+def _check_layout(name, reference, tmp_path):
+    data, tok, ref_records, ref_weights, job_extra = reference
     world, extra = LAYOUTS[name]
     out = tmp_path / "run"
     records = run_distributed(
-        train_worker, world, tmp_path / "rdzv", data, tok, out, tuple(extra), timeout_s=240
+        train_worker,
+        world,
+        tmp_path / "rdzv",
+        data,
+        tok,
+        out,
+        (*job_extra, *extra),
+        timeout_s=240,
     )[0]
     got = [r["loss"] for r in records]
     expected = [r["loss"] for r in ref_records]

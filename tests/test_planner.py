@@ -90,7 +90,7 @@ def _measure(rank: int, world_size: int, layouts: list) -> list:
     each parameter's local element count and placements."""
     import torch.distributed as dist
 
-    from parallm.models.llama.model import canonical_name
+    from parallm.models.build import canonical_name
     from parallm.train.layout import build_rank_model
     from parallm.train.trainer import state_bytes
 

@@ -37,8 +37,10 @@ INFER_SHAPES = {
 
 def random_model_dir(shape: str, out: Path, dtype: torch.dtype) -> Path:
     """A HF directory with random weights of `shape` (made once, then reused)."""
+    from parallm.config import ModelConfig
+    from parallm.models.build import init_weights
     from parallm.models.hf import save_pretrained
-    from parallm.models.llama.model import ModelArgs, Transformer
+    from parallm.models.registry import family
     from parallm.tokenizer import train_bpe_tokenizer
 
     if shape not in INFER_SHAPES:
@@ -46,11 +48,11 @@ def random_model_dir(shape: str, out: Path, dtype: torch.dtype) -> Path:
     d = out / f"model-{shape}"
     if (d / "config.json").exists():
         return d
-    fields = dict(INFER_SHAPES[shape])
-    head_dim = fields.pop("head_dim", fields["dim"] // fields["n_heads"])
-    args = ModelArgs(head_dim=head_dim, **fields)
-    model = Transformer(args)
-    model.init_weights(0)
+    # The shapes are `[model]` fields, as `bench train` uses them.
+    mcfg = ModelConfig(**INFER_SHAPES[shape])
+    spec = family(mcfg.architecture)
+    model = spec.build(spec.args_from_config(mcfg, mcfg.vocab_size), device="cpu")
+    init_weights(model, 0)
     # The prompts are random ids, so any tokenizer serves; ids it lacks decode to nothing.
     tokenizer = train_bpe_tokenizer(iter(["def f(x):\n    return x + 1\n"] * 8), 300)
     save_pretrained(model.to(dtype), d, tokenizer=tokenizer)

@@ -22,8 +22,9 @@ dK/dV accumulators (float32) cp times. Scores are materialised per block,
 (B, Hq, T_local, T_local) in float32, not tiled as in flash attention. Blocks that no query may
 see are skipped (deciding costs a host sync per block on GPU). No constraint on head counts.
 
-Masks come from the global positions of the tokens (`attention_mask` semantics: causal, and a
-query at p sees keys p - W < j <= p under a sliding window W), so any token layout is correct.
+Masks come from the global positions of the tokens and, for packed documents, their document
+ids (`AttentionSpec` semantics: causal or full, a sliding window W lets a query at p see keys
+p - W < j <= p, documents never see each other), so any token layout is correct.
 For causal masks the layout decides the balance: with contiguous chunks rank r attends to r + 1
 blocks under ring attention, so the last rank works far longer than the first. `shard_sequence(..., load_balance=True)` splits the sequence into
 2 * cp chunks and gives rank r chunks r and 2 * cp - 1 - r, so every rank does equal work. The
@@ -40,7 +41,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 from parallm.errors import UserError
-from parallm.models.llama.model import AttentionBackend, attention_mask, sdpa
+from parallm.models.attention import AttentionBackend, AttentionInputs, attention_mask, sdpa
 
 CP_MODES = ("ulysses", "ring")
 
@@ -108,12 +109,13 @@ def _rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _gather_positions(positions: torch.Tensor, group, cp: int) -> torch.Tensor:
-    """Every rank's positions (B, T_local), stacked in rank order: (cp, B, T_local)."""
-    if cp == 1:
-        return positions[None]
-    parts = [torch.empty_like(positions) for _ in range(cp)]
-    dist.all_gather(parts, positions.contiguous(), group=group)
+def _gather_tokens(x: torch.Tensor | None, group, cp: int) -> torch.Tensor | None:
+    """Every rank's (B, T_local) token tensor (positions, document ids), stacked in rank order:
+    (cp, B, T_local); None stays None."""
+    if x is None or cp == 1:
+        return None if x is None else x[None]
+    parts = [torch.empty_like(x) for _ in range(cp)]
+    dist.all_gather(parts, x.contiguous(), group=group)
     return torch.stack(parts)
 
 
@@ -170,7 +172,7 @@ class UlyssesAttention:
         # Functional collectives take a group object, not None.
         self.group = group if group is not None or self.size == 1 else dist.group.WORLD
 
-    def __call__(self, q, k, v, *, layer_idx, positions, sliding_window):
+    def __call__(self, q, k, v, *, layer_idx, attn: AttentionInputs):
         cp, hq, hkv = self.size, q.shape[2], k.shape[2]
         if hq % cp or hkv % cp:
             raise UserError(
@@ -179,14 +181,22 @@ class UlyssesAttention:
             )
         if cp > 1:
             q, k, v = (_seq_to_heads(x, self.group, cp) for x in (q, k, v))  # (B, T, H/cp, D)
-        pos = _gather_positions(positions, self.group, cp)  # (cp, B, T_local)
-        pos = pos.permute(1, 0, 2).reshape(q.shape[0], -1)  # (B, T), in all-to-all order
+        b = q.shape[0]
+        # (cp, B, T_local) -> (B, T), in all-to-all order
+        pos, docs = (
+            None if x is None else x.permute(1, 0, 2).reshape(b, -1)
+            for x in (
+                _gather_tokens(attn.positions, self.group, cp),
+                _gather_tokens(attn.document_ids, self.group, cp),
+            )
+        )
+        whole = AttentionInputs(pos, attn.spec, docs)
         t = pos.shape[1]
         in_order = torch.equal(pos, torch.arange(t, device=pos.device).expand_as(pos))
-        if in_order and (sliding_window is None or sliding_window >= t):
+        if in_order and whole.is_causal_in_order(t):
             out = sdpa(q, k, v, None)  # the fused causal kernel
         else:
-            out = sdpa(q, k, v, attention_mask(pos, pos, sliding_window))
+            out = sdpa(q, k, v, whole.mask())
         return _heads_to_seq(out, self.group, cp) if cp > 1 else out
 
 
@@ -217,10 +227,16 @@ def _sum_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.view(b, h // groups, groups, t, d).sum(2)
 
 
+def _block_mask(q_pos, kv_pos, q_doc, kv_doc, spec, j: int) -> torch.Tensor:
+    """The mask (B, 1, Tq, Tk) of the local queries against rank j's key block."""
+    return attention_mask(q_pos, kv_pos[j], spec, q_doc, None if kv_doc is None else kv_doc[j])
+
+
 class _RingAttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, q_pos, kv_pos, sliding_window, group, rank, cp):
-        # q (B, Tq, Hq, D); k, v (B, Tk, Hkv, D); q_pos (B, Tq); kv_pos (cp, B, Tk)
+    def forward(ctx, q, k, v, q_pos, kv_pos, q_doc, kv_doc, spec, group, rank, cp):
+        # q (B, Tq, Hq, D); k, v (B, Tk, Hkv, D); q_pos (B, Tq); kv_pos (cp, B, Tk); q_doc,
+        # kv_doc: the same shapes, or None without documents
         scale, groups = q.shape[-1] ** -0.5, q.shape[2] // k.shape[2]
         qf = q.transpose(1, 2).float()  # (B, Hq, Tq, D)
         out = torch.zeros_like(qf)  # (B, Hq, Tq, D), normalised over the blocks seen so far
@@ -229,7 +245,7 @@ class _RingAttentionFn(torch.autograd.Function):
         for step in range(cp):
             if step < cp - 1:  # fetch the next block while this one is computed
                 next_kv, works = _ring_shift(kv, group, rank, cp)
-            mask = attention_mask(q_pos, kv_pos[(rank - step) % cp], sliding_window)
+            mask = _block_mask(q_pos, kv_pos, q_doc, kv_doc, spec, (rank - step) % cp)
             if mask.any():  # blocks entirely in the future of every query cost nothing
                 kb, vb = _kv_block(kv, groups)
                 s = _block_scores(qf, kb, mask, scale)
@@ -243,7 +259,7 @@ class _RingAttentionFn(torch.autograd.Function):
                 kv = next_kv
         # The float32 output keeps rowsum(dO * O) in the backward as exact as the forward.
         ctx.save_for_backward(q, k, v, q_pos, kv_pos, out, lse)
-        ctx.sliding_window, ctx.group, ctx.rank, ctx.cp = sliding_window, group, rank, cp
+        ctx.docs, ctx.spec, ctx.group, ctx.rank, ctx.cp = (q_doc, kv_doc), spec, group, rank, cp
         return out.transpose(1, 2).to(q.dtype)
 
     @staticmethod
@@ -262,7 +278,7 @@ class _RingAttentionFn(torch.autograd.Function):
         for step in range(cp):
             if step < cp - 1:
                 next_kv, works = _ring_shift(kv, group, rank, cp)
-            mask = attention_mask(q_pos, kv_pos[(rank - step) % cp], ctx.sliding_window)
+            mask = _block_mask(q_pos, kv_pos, *ctx.docs, ctx.spec, (rank - step) % cp)
             if mask.any():  # the same blocks as the forward skipped
                 kb, vb = _kv_block(kv, groups)
                 p = torch.exp(_block_scores(qf, kb, mask, scale) - lse)  # (B, Hq, Tq, Tk)
@@ -281,7 +297,7 @@ class _RingAttentionFn(torch.autograd.Function):
             dq.transpose(1, 2).to(q.dtype),
             dk.to(k.dtype),
             dv.to(v.dtype),
-            *(None,) * 6,
+            *(None,) * 9,
         )
 
 
@@ -297,10 +313,21 @@ class RingAttention:
         self.group = group
         self.rank, self.size = _rank_and_size(group)
 
-    def __call__(self, q, k, v, *, layer_idx, positions, sliding_window):
-        kv_pos = _gather_positions(positions, self.group, self.size)  # (cp, B, T_local)
+    def __call__(self, q, k, v, *, layer_idx, attn: AttentionInputs):
+        kv_pos = _gather_tokens(attn.positions, self.group, self.size)  # (cp, B, T_local)
+        kv_doc = _gather_tokens(attn.document_ids, self.group, self.size)
         return _RingAttentionFn.apply(
-            q, k, v, positions, kv_pos, sliding_window, self.group, self.rank, self.size
+            q,
+            k,
+            v,
+            attn.positions,
+            kv_pos,
+            attn.document_ids,
+            kv_doc,
+            attn.spec,
+            self.group,
+            self.rank,
+            self.size,
         )
 
 

@@ -13,13 +13,12 @@ Nothing else in parallm reads ranks or environment variables to learn the layout
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from parallm.errors import UserError
-from parallm.models.llama.model import ModelArgs
+from parallm.models.registry import family_of_args
 
 AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -83,17 +82,14 @@ class ParallelDims:
         axis has more than one rank."""
         return self.dp_replicate * self.dp_shard * self.cp > 1
 
-    def validate_model(self, args: ModelArgs, *, seq_len: int, cp_mode: str, n_stages: int) -> None:
-        """Check the layout against the model and sequence before any communication."""
-        n_heads, n_kv_heads, n_layers = args.n_heads, args.n_kv_heads, args.n_layers
-        vocab_size, ffn_dim = args.vocab_size, args.ffn_dim
+    def validate_model(self, args, *, seq_len: int, cp_mode: str, n_stages: int) -> None:
+        """Check the layout against the model (its family's plan and facts) and the sequence
+        before any communication."""
+        spec = family_of_args(args)
+        facts = spec.facts(args)
+        n_heads, n_kv_heads, n_layers = facts.n_heads, facts.n_kv_heads, facts.n_layers
         if self.tp > 1:
-            for name, value in (
-                ("n_heads", n_heads),
-                ("n_kv_heads", n_kv_heads),
-                ("ffn_dim", ffn_dim),
-                ("vocab_size", vocab_size),
-            ):
+            for name, value in spec.plan.tp_divides(args).items():
                 if value % self.tp:
                     raise UserError(
                         f"parallel.tp: {self.tp} must divide the model's {name}={value}"
@@ -145,7 +141,3 @@ class ParallelDims:
         if self._mesh is None:
             return 0
         return self._mesh[axis].get_local_rank()
-
-    @cached_property
-    def is_distributed(self) -> bool:
-        return self.world_size > 1

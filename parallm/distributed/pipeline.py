@@ -1,14 +1,14 @@
 """Pipeline parallelism: cut the model into stages by layers and run a torch schedule.
 
-A stage is a `Transformer` built on `meta` from which the layers of other stages are deleted
-(`layers` is a `ModuleDict`, so the kept layers keep their names and checkpoints stay
-layout-independent); only the first stage keeps `embed_tokens`, only the last `norm` and
-`lm_head`. Loop schedules (`gpipe`, `1f1b`, `interleaved_1f1b`) give pipeline rank r the stages
+A stage is the family's model built on `meta` from which the layers of other stages are deleted
+(the plan's `layers` is a `ModuleDict`, so the kept layers keep their names and checkpoints stay
+layout-independent); only the first stage keeps the plan's `first_stage` modules (embeddings),
+only the last its `last_stage` ones (final norm, output head). Loop schedules (`gpipe`, `1f1b`, `interleaved_1f1b`) give pipeline rank r the stages
 r, r + pp, ...; V schedules (`zero_bubble` = ZB-V, `dualpipev`) give it stages r and 2pp-1-r.
 
-Tied embeddings across stages: the first stage's `embed_tokens.weight` and the last stage's
-`lm_head.weight` start equal and `sync_tied_grads` sums their gradients over the pipeline
-group, so identical AdamW updates keep them equal.
+Tied weights across stages (the family's `tied`, e.g. an output head tied to the embedding):
+the first stage's source and the last stage's copy start equal and `TiedGradSync` sums their
+gradients over the pipeline group, so identical AdamW updates keep them equal.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch.distributed.pipelining.schedules import (
 from torch.distributed.tensor import DTensor
 
 from parallm.errors import UserError
-from parallm.models.llama.model import ModelArgs, Transformer
+from parallm.models.registry import FamilySpec, family_of_model
 
 SCHEDULES: dict[str, type] = {
     "gpipe": ScheduleGPipe,
@@ -79,20 +79,17 @@ def split_layers(
 
 
 def build_stage_model(
-    args: ModelArgs, layer_ids: list[int], *, first: bool, last: bool
-) -> Transformer:
-    """A `Transformer` on `meta` holding only `layer_ids` (and the ends it owns)."""
-    with torch.device("meta"):
-        model = Transformer(args)
+    spec: FamilySpec, args, layer_ids: list[int], *, first: bool, last: bool
+) -> nn.Module:
+    """The family's model on `meta` holding only `layer_ids` (and the ends it owns)."""
+    model = spec.build(args)
+    layers = getattr(model, spec.plan.layers)
     keep = {str(i) for i in layer_ids}
-    for name in list(model.layers.keys()):
+    for name in list(layers.keys()):
         if name not in keep:
-            del model.layers[name]
-    if not first:
-        model.embed_tokens = None
-    if not last:
-        model.norm = None
-        model.lm_head = None
+            del layers[name]
+    for name in (() if first else spec.plan.first_stage) + (() if last else spec.plan.last_stage):
+        setattr(model, name, None)
     return model
 
 
@@ -130,21 +127,33 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _param(model: nn.Module, name: str) -> nn.Parameter | None:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:  # on a stage that does not hold it
+        return None
+
+
 class TiedGradSync:
-    """Sums the gradients of the tied embedding / output weight over the pipeline group.
+    """Sums the gradients of a tied pair (e.g. embedding and output head) over the pipeline
+    group, for the family's one tied weight.
 
     Ranks holding neither contribute zeros; a rank holding both (V schedules) adds its two.
     Built once by every rank of the group (it agrees on the local shard shape then).
     """
 
-    def __init__(self, model_parts: list[Transformer], pp_group: dist.ProcessGroup) -> None:
+    def __init__(self, model_parts: list[nn.Module], pp_group: dist.ProcessGroup) -> None:
         self.group = pp_group
         self.held = []
+        spec = family_of_model(model_parts[0])
+        ((name, source),) = spec.tied(model_parts[0].args).items()
         for part in model_parts:
-            if part.embed_tokens is not None:
-                self.held.append(part.embed_tokens.weight)
-            if part.lm_head is not None and part.embed_tokens is None:
-                self.held.append(part.lm_head.weight)
+            # A part holding both holds one tensor (tied on the stage): count it once.
+            held = _param(part, source)
+            if held is None:
+                held = _param(part, name)
+            if held is not None:
+                self.held.append(held)
         shapes: list = [None] * dist.get_world_size(pp_group)
         mine = tuple(_local(self.held[0]).shape) if self.held else None
         dist.all_gather_object(shapes, mine, group=pp_group)

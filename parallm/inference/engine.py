@@ -13,7 +13,7 @@ per request whatever `n`.
 
 With `tensor_parallel_size` N > 1 this process is rank 0 of N (see `tp.py`): it keeps the
 scheduler, the sampler and the detokenizers, and every rank runs each step on its shard of the
-model and of the KV cache. `close()` stops the other ranks.
+model and of the KV cache; the other ranks run `worker.py`. `close()` stops them.
 """
 
 from __future__ import annotations
@@ -24,18 +24,10 @@ from pathlib import Path
 
 import torch
 
-from parallm.distributed.parallel_dims import ParallelDims
 from parallm.errors import UserError
+from parallm.inference.config import EngineConfig
 from parallm.inference.detokenizer import IncrementalDetokenizer
-from parallm.inference.model_runner import (
-    GiB,
-    ModelRunner,
-    PromptRows,
-    StepOutput,
-    blocks_for_budget,
-    local_kv_heads,
-)
-from parallm.inference.paged_attention import KVPool
+from parallm.inference.model_runner import PromptRows, StepOutput
 from parallm.inference.sampling import (
     Sampler,
     SamplingParams,
@@ -46,55 +38,12 @@ from parallm.inference.sampling import (
 from parallm.inference.scheduler import Scheduler, SchedulerConfig
 from parallm.inference.sequence import Sequence
 from parallm.inference.tp import TPGroup
-from parallm.inference.tp_model import load_sharded
-from parallm.models.hf import load_pretrained, read_args
-from parallm.models.llama.model import ModelArgs, Transformer
+from parallm.inference.worker import build_runner, check_tensor_parallel, run_worker
+from parallm.models.hf import read_family
 from parallm.tokenizer import Tokenizer
 
 # Prompt rows log-softmaxed at once: a (256, vocab) float32 copy at a time, not one per prompt.
 PROMPT_LOGPROBS_CHUNK = 256
-
-
-@dataclass(kw_only=True)
-class EngineConfig:
-    """How the engine sizes its cache and batches. `kv_cache_memory`: bytes for the KV cache
-    (an int), or on a GPU a fraction (0, 1] of the memory free after loading the model, less
-    the measured peak of the largest step (default on a GPU: 0.8); with tensor parallelism it
-    is per rank, each rank caching its share of the KV heads.
-    `tensor_parallel_size`: processes (GPUs: cuda:0..N-1) the model is sharded over."""
-
-    max_model_len: int | None = None  # default: the model's context
-    kv_cache_memory: int | float | None = None
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    dtype: str | None = None
-    device: str | None = None
-    tensor_parallel_size: int = 1
-    # portable (padded SDPA, any device) | flex (flex attention over the pool) | auto: flex on
-    # CUDA, portable on CPU (where flex pays a compile per new step shape)
-    attention_backend: str = "auto"
-
-    def __post_init__(self) -> None:
-        from parallm.inference.flex_attention import BACKENDS
-
-        if self.attention_backend not in BACKENDS:
-            raise UserError(
-                f"attention_backend: {self.attention_backend!r} is not valid; "
-                f"valid: {', '.join(BACKENDS)}"
-            )
-        for name in (
-            "block_size",
-            "max_num_seqs",
-            "max_num_batched_tokens",
-            "tensor_parallel_size",
-        ):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name}: {getattr(self, name)} is not valid; must be >= 1")
-        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
-            raise UserError(f"kv_cache_memory: {self.kv_cache_memory} is not valid; must be > 0")
 
 
 @dataclass
@@ -133,161 +82,48 @@ class _Request:
     error: str | None = None
 
 
-def _check_tensor_parallel(config: EngineConfig, args: ModelArgs) -> str:
-    """Check `tensor_parallel_size` against the model and the machine; the device type."""
-    size = config.tensor_parallel_size
-    try:  # seq_len: a step's token count varies and is never split over the ranks in serving
-        ParallelDims(tp=size, dp_shard=1, world_size=size).validate_model(
-            args, seq_len=size, cp_mode="ring", n_stages=1
-        )
-    except UserError as e:  # "parallel.tp: 3 must divide ..." names the training field
-        raise UserError(f"tensor_parallel_size: {str(e).split(': ', 1)[1]}") from None
-    device_type = torch.device(config.device or "cpu").type
-    if device_type == "cuda" and size > torch.cuda.device_count():
-        raise UserError(
-            f"tensor_parallel_size: {size} needs {size} GPUs; {torch.cuda.device_count()} visible"
-        )
-    return device_type
-
-
-def _build_runner(
-    model_dir: str | Path, config: EngineConfig, max_model_len: int, tp: TPGroup | None
-) -> ModelRunner:
-    """Load this rank's model (whole, or its tensor-parallel shard) and size its KV cache."""
-    if tp is None:
-        model = load_pretrained(model_dir, dtype=config.dtype, device=config.device).eval()
-    else:
-        model = load_sharded(model_dir, tp.mesh, tp.device, config.dtype)
-    budget, blocks = _kv_cache_blocks(model, config, max_model_len)
-    if tp is not None:  # free GPU memory may differ per rank; the block tables are shared
-        blocks = tp.agree_min(blocks)
-    if blocks < 1:
-        raise UserError(
-            f"kv_cache_memory: {budget} bytes hold no KV block of {config.block_size} tokens"
-        )
-    return ModelRunner(
-        model,
-        num_blocks=blocks,
-        block_size=config.block_size,
-        tp=tp,
-        attention_backend=config.attention_backend,
-    )
-
-
-def _run_worker(
-    tp: TPGroup, model_dir: str | Path, config: EngineConfig, max_model_len: int
-) -> None:
-    """A spawned tensor-parallel worker: load the shard, then run rank 0's steps until it stops."""
-    _build_runner(model_dir, config, max_model_len, tp).follow()
-
-
-def _kv_cache_blocks(
-    model: Transformer, config: EngineConfig, max_model_len: int
-) -> tuple[int, int]:
-    """The KV cache budget in bytes of this rank, and how many blocks it holds.
-
-    On a GPU a fraction (default 0.8) of the memory free after loading the model, less the peak
-    a step of `max_num_batched_tokens` tokens needs on top (measured by running one: see
-    `step_peak_bytes`), so that no step runs out of memory once the cache is allocated."""
-    c = config
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    if isinstance(c.kv_cache_memory, float) and c.kv_cache_memory <= 1:
-        if device.type != "cuda":
-            raise UserError("kv_cache_memory: a fraction needs a GPU; give bytes on CPU")
-        budget = _gpu_budget(model, c, c.kv_cache_memory, device)
-    elif c.kv_cache_memory is not None:
-        budget = int(c.kv_cache_memory)
-    elif device.type == "cuda":
-        budget = _gpu_budget(model, c, 0.8, device)
-    else:
-        # CPU: room for max_num_seqs full contexts, at most 1 GiB.
-        per_token = KVPool.bytes_per_block(model.args, 1, local_kv_heads(model), dtype)
-        budget = min(GiB, c.max_num_seqs * max_model_len * per_token)
-    return budget, blocks_for_budget(model, budget, c.block_size, dtype)
-
-
-def _gpu_budget(model: Transformer, config: EngineConfig, fraction: float, device) -> int:
-    peak = step_peak_bytes(model, config.max_num_batched_tokens, config.max_num_seqs)
-    free, _ = torch.cuda.mem_get_info(device)  # after the profiled step's memory is released
-    return kv_budget(free, fraction, peak, config.max_num_batched_tokens)
-
-
-def kv_budget(free: int, fraction: float, step_peak: int, step_tokens: int) -> int:
-    """Bytes for the KV cache: `fraction` of the `free` bytes, less a step's peak; a UserError
-    when nothing is left."""
-    budget = int(free * fraction) - step_peak
-    if budget <= 0:
-        raise UserError(
-            f"kv_cache_memory: {fraction:g} of the {free / GiB:.2f} GiB free leaves no room for a "
-            f"KV cache after a step's {step_peak / GiB:.2f} GiB "
-            f"(max_num_batched_tokens={step_tokens}); raise it or lower max_num_batched_tokens"
-        )
-    return budget
-
-
-@torch.inference_mode()
-def step_peak_bytes(model: Transformer, num_tokens: int, num_seqs: int) -> int:
-    """Run the forward of the largest step (`num_tokens` tokens, logits for `num_seqs` of them,
-    then the sampler's float32 copies of those logits) and return the peak bytes it allocated
-    beyond what was in use before; 0 on a device whose memory torch does not count (CPU).
-    Every tensor-parallel rank must call it: the forward runs collectives."""
-    device = next(model.parameters()).device
-    counted = device.type == "cuda"
-    if counted:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    ids = torch.zeros(1, num_tokens, dtype=torch.long, device=device)
-    rows = torch.arange(num_tokens - min(num_seqs, num_tokens), num_tokens, device=device)
-    logits = model(ids, logit_rows=rows)[0]
-    probs = logits.float().softmax(dim=-1)  # as the sampler: float32 probabilities, their cumsum
-    probs.cumsum(dim=-1)
-    if not counted:
-        return 0
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - before
-    del ids, rows, logits, probs
-    torch.cuda.empty_cache()
-    return peak
+def max_model_len_for(model: str | Path, config: EngineConfig) -> int:
+    """The context the engine serves: `config.max_model_len`, at most the model's."""
+    spec, args = read_family(model)
+    context = spec.facts(args).max_seq_len
+    length = config.max_model_len or context
+    if length > context:
+        raise UserError(f"max_model_len: {length} exceeds the model's context of {context} tokens")
+    return length
 
 
 class LLMEngine:
-    """Continuous batching over a paged KV cache for one model directory.
+    """Continuous batching over a paged KV cache for one model directory: the driver.
 
-    With `tensor_parallel_size` N > 1 the engine starts N - 1 worker processes, or, in a process
-    group of N processes (torchrun), uses them: there the constructor of ranks > 0 runs rank 0's
-    steps and returns only once rank 0 closes its engine (`is_driver` is then False).
+    With `tensor_parallel_size` N > 1 the engine is rank 0 of N: it starts N - 1 worker
+    processes (`worker.py`), or, in a process group of N processes (torchrun), is rank 0 of it,
+    while ranks > 0 call `worker.serve_rank` (which `LLM` does for them).
     """
 
     def __init__(self, model: str | Path, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
-        args = read_args(model)
-        self.max_model_len = config.max_model_len or args.max_seq_len
-        if self.max_model_len > args.max_seq_len:
-            raise UserError(
-                f"max_model_len: {self.max_model_len} exceeds the model's context of "
-                f"{args.max_seq_len} tokens"
-            )
+        self.max_model_len = max_model_len_for(model, config)
         self.tp: TPGroup | None = None
         if config.tensor_parallel_size > 1:  # a size that does not fit fails before any spawn
-            device_type = _check_tensor_parallel(config, args)
+            device_type = check_tensor_parallel(model, config)
             serve_args = (model, config, self.max_model_len)
             self.tp = TPGroup.start(
-                config.tensor_parallel_size, device_type, _run_worker, serve_args
+                config.tensor_parallel_size, device_type, run_worker, serve_args
             )
+            if self.tp.rank != 0:
+                self.close()
+                raise RuntimeError(
+                    "LLMEngine is the driver (rank 0); ranks > 0 of a torchrun launch call "
+                    "parallm.inference.worker.serve_rank (LLM does)"
+                )
         try:
-            self.runner = _build_runner(model, config, self.max_model_len, self.tp)
+            self.runner = build_runner(model, config, self.max_model_len, self.tp)
             self.tokenizer = Tokenizer.from_dir(model)  # after the weights: their errors first
-            if not self.is_driver:
-                self.runner.follow()
         except BaseException:
             self.close()
             raise
         self.model = self.runner.model
-        if not self.is_driver:
-            self.close()
-            return
+        self.vocab_size = read_family(model)[0].facts(self.model.args).vocab_size
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
@@ -303,11 +139,6 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self._by_seq: dict[int, _Request] = {}
-
-    @property
-    def is_driver(self) -> bool:
-        """True on rank 0, which schedules and samples (always, without tensor parallelism)."""
-        return self.tp is None or self.tp.rank == 0
 
     def close(self) -> None:
         """Stop the tensor-parallel workers (nothing to do on one process). Idempotent."""
@@ -376,7 +207,7 @@ class LLMEngine:
                 raise UserError("prompt: token ids must be integers")
         if not ids:
             raise UserError("prompt: empty; give at least one token")
-        vocab = self.model.args.vocab_size
+        vocab = self.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise UserError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {vocab})")

@@ -37,8 +37,14 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from parallm.errors import UserError
-from parallm.inference.paged_attention import PAD_POS, KVPool, PagedAttention, StepMetadata
-from parallm.models.llama.model import AttentionBackend
+from parallm.inference.paged_attention import (
+    PAD_POS,
+    KVPool,
+    PagedAttention,
+    StepMetadata,
+    check_paged,
+)
+from parallm.models.attention import AttentionBackend, AttentionInputs
 
 TILE = 128  # flex attention's default block size, for queries and keys
 
@@ -144,7 +150,8 @@ class FlexPagedAttention:
     def metadata(self, md: StepMetadata | None) -> None:
         self._metadata, self._step = md, None
 
-    def __call__(self, q, k, v, *, layer_idx, positions, sliding_window):
+    def __call__(self, q, k, v, *, layer_idx, attn: AttentionInputs):
+        check_paged(attn.spec)
         md = self._metadata
         assert md is not None, "set FlexPagedAttention.metadata before the forward"
         if self._step is None:
@@ -160,7 +167,7 @@ class FlexPagedAttention:
             query,
             key,
             value,
-            block_mask=self._step.block_mask(sliding_window),
+            block_mask=self._step.block_mask(attn.spec.window),
             enable_gqa=query.shape[1] != key.shape[1],
         )  # (1, Hq, N, D)
         return out[0].transpose(0, 1)[None]

@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
+import torch.distributed as dist
+
 from parallm.errors import UserError
 from parallm.inference.engine import EngineConfig, LLMEngine, RequestOutput
 from parallm.inference.sampling import SamplingParams
+from parallm.inference.worker import serve_rank
 
 
 class LLM:
@@ -37,12 +40,23 @@ class LLM:
             kv_cache_memory=kv_cache_memory,
             **engine_kwargs,
         )
+        self.engine: LLMEngine | None = None
+        self.tokenizer = None
+        if tensor_parallel_size > 1 and dist.is_initialized() and dist.get_rank() > 0:
+            serve_rank(model, config)  # a torchrun rank > 0: rank 0's worker until it closes
+            return
         self.engine = LLMEngine(model, config)
         self.tokenizer = self.engine.tokenizer
 
+    @property
+    def is_driver(self) -> bool:
+        """True where `generate` runs: rank 0 (always, without tensor parallelism)."""
+        return self.engine is not None
+
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any (the LLM cannot generate after that)."""
-        self.engine.close()
+        if self.engine is not None:
+            self.engine.close()
 
     def __enter__(self) -> LLM:
         return self
@@ -57,7 +71,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Run every prompt (a string or a list of token ids) to completion; outputs in order.
         A bad prompt gets an output with `error` set; the others are unaffected."""
-        if not self.engine.is_driver:
+        if self.engine is None:
             raise RuntimeError("only rank 0 generates; this rank served it until it closed")
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]

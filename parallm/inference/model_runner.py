@@ -13,44 +13,28 @@ tensor and the workers never see a `Sequence`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from parallm.inference.flex_attention import make_backend
 from parallm.inference.paged_attention import KVPool, StepMetadata
 from parallm.inference.sequence import Sequence
-from parallm.models.llama.model import Transformer
-
-if TYPE_CHECKING:
-    from parallm.inference.tp import TPGroup
+from parallm.inference.step_inputs import StepInputs
+from parallm.inference.tp import TPGroup
+from parallm.models.registry import family_of_model
 
 GiB = 2**30
 
 
-def local_kv_heads(model: Transformer) -> int:
+def local_kv_heads(model: nn.Module, tp_size: int = 1) -> int:
     """KV heads this process holds (all of them, or its tensor-parallel share)."""
-    attn = next(iter(model.layers.values())).self_attn
-    weight = attn.k_proj.weight
-    rows = weight.to_local().shape[0] if hasattr(weight, "to_local") else weight.shape[0]
-    return rows // model.args.head_dim
+    return family_of_model(model).facts(model.args).n_kv_heads // tp_size
 
 
-def blocks_for_budget(model: Transformer, budget_bytes: int, block_size: int, dtype) -> int:
-    """How many KV blocks `budget_bytes` holds for this model."""
-    per_block = KVPool.bytes_per_block(model.args, block_size, local_kv_heads(model), dtype)
-    return int(budget_bytes // per_block)
-
-
-@dataclass
-class StepInputs:
-    """Everything a rank needs to run one step. B sequences, N = sum(lengths) tokens."""
-
-    token_ids: list[int]  # (N,) the new tokens, sequence after sequence
-    starts: list[int]  # (B,) first position each sequence computes
-    lengths: list[int]  # (B,) how many tokens it computes
-    block_tables: list[list[int]]  # (B, ceil(context / block_size)) the blocks in use
-    logit_rows: list[int]  # (R,) flat indices of the tokens whose logits are needed, ascending
+def kv_bytes_per_block(model: nn.Module, block_size: int, tp_size: int, dtype) -> int:
+    facts = family_of_model(model).facts(model.args)
+    return KVPool.bytes_per_block(facts, block_size, local_kv_heads(model, tp_size), dtype)
 
 
 @dataclass
@@ -84,7 +68,7 @@ class ModelRunner:
 
     def __init__(
         self,
-        model: Transformer,
+        model: nn.Module,
         *,
         num_blocks: int,
         block_size: int,
@@ -96,15 +80,18 @@ class ModelRunner:
         self.device, self.dtype = param.device, param.dtype
         self.block_size = block_size
         self.tp = tp
+        spec = family_of_model(model)
         self.pool = KVPool(
-            model.args,
+            spec.facts(model.args),
             num_blocks=num_blocks,
             block_size=block_size,
-            n_kv_heads=local_kv_heads(model),
+            n_kv_heads=local_kv_heads(model, tp.size if tp is not None else 1),
             dtype=self.dtype,
             device=self.device,
         )
         self.backend = make_backend(attention_backend, self.pool)
+        # What each step's tokens may attend to: the family's rule (causal for language models).
+        self.attention = spec.attention
 
     def execute(self, seqs: list[Sequence], num_new_tokens: list[int]) -> StepOutput:
         """Compute the step: the logits of the sequences that reach their last token this step
@@ -156,7 +143,9 @@ class ModelRunner:
         input_ids = torch.tensor([step.token_ids], device=self.device)  # (1, N)
         pos = torch.tensor([positions], device=self.device)  # (1, N)
         rows = torch.tensor(step.logit_rows, dtype=torch.long, device=self.device)  # (R,)
-        logits = self.model(input_ids, pos, backend=self.backend, logit_rows=rows)[0]
+        logits = self.model(
+            input_ids, pos, attention=self.attention, backend=self.backend, logit_rows=rows
+        )[0]
         return logits if step.logit_rows else None
 
     def follow(self) -> None:

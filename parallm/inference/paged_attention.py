@@ -11,7 +11,8 @@ attention backend for it:
   2. per group of similar sequences (`group_rows`): gather each one's whole context from its
      blocks into a padded (G, max_ctx, Hkv, D);
   3. one SDPA call per group over padded queries (G, max_q, Hq, D) with a mask built from
-     positions (causal, and the layer's sliding window), then scatter the rows back to
+     positions by the step's `AttentionSpec` (causal, and the layer's sliding window; the cache
+     serves only causal attention), then scatter the rows back to
      (1, N, Hq, D).
 
 Groups keep the padding small: padding every sequence of a step to its longest query and longest
@@ -29,25 +30,36 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from parallm.models.llama.model import ModelArgs, sdpa
+from parallm.errors import UserError
+from parallm.models.attention import AttentionInputs, AttentionSpec, attention_mask, sdpa
+from parallm.models.registry import ModelFacts
 
 
 class KVPool:
     """The paged K/V tensors of every layer; `num_blocks` blocks of `block_size` tokens."""
 
     def __init__(
-        self, args: ModelArgs, *, num_blocks: int, block_size: int, n_kv_heads: int, dtype, device
+        self, facts: ModelFacts, *, num_blocks: int, block_size: int, n_kv_heads: int, dtype, device
     ) -> None:
         # n_kv_heads is the local count: a tensor-parallel rank caches only its own heads.
-        shape = (num_blocks * block_size, n_kv_heads, args.head_dim)  # flat slots
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        shape = (num_blocks * block_size, n_kv_heads, facts.head_dim)  # flat slots
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(facts.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(facts.n_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
 
     @staticmethod
-    def bytes_per_block(args: ModelArgs, block_size: int, n_kv_heads: int, dtype) -> int:
+    def bytes_per_block(facts: ModelFacts, block_size: int, n_kv_heads: int, dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * args.n_layers * block_size * n_kv_heads * args.head_dim * elem
+        return 2 * facts.n_layers * block_size * n_kv_heads * facts.head_dim * elem
+
+
+def check_paged(spec: AttentionSpec) -> None:
+    """The paged cache serves causal attention (with or without a window): a sequence's new
+    tokens see its cached ones. Anything else is a clear error, not a wrong answer."""
+    if not spec.causal or spec.documents:
+        raise UserError(
+            f"attention: the paged KV cache serves causal attention; this step asks for {spec}"
+        )
 
 
 PAD_POS = 2**40  # the position of padding context entries: past any query, so always masked
@@ -95,7 +107,7 @@ class PaddedBatch:
     # index of each: set by `select`.
     out_rows: torch.Tensor | None = None
     out_tokens: torch.Tensor | None = None
-    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    _masks: dict[AttentionSpec, torch.Tensor] = field(default_factory=dict)
 
     def select(self, rows: list[int], max_q: int, max_ctx: int, device) -> PaddedBatch:
         """Rows `rows`, trimmed to `max_q` queries and `max_ctx` context positions, on `device`."""
@@ -112,17 +124,15 @@ class PaddedBatch:
             out_tokens=q_index.flatten()[out_rows].to(device),
         )
 
-    def mask(self, window: int | None) -> torch.Tensor:
-        """(B, 1, max_q, max_ctx) True where query i may attend context position j."""
-        if window not in self._masks:
-            diff = self.q_pos[:, :, None] - self.kv_pos[:, None, :]
-            allowed = diff >= 0
-            if window is not None:
-                allowed &= diff < window
+    def mask(self, spec: AttentionSpec) -> torch.Tensor:
+        """(B, 1, max_q, max_ctx) True where query i may attend context position j (causal
+        `spec`: padding context positions lie past every query)."""
+        if spec not in self._masks:
+            allowed = attention_mask(self.q_pos, self.kv_pos, spec)
             # Padding query rows attend to slot 0 so SDPA never sees an all-masked row (NaN).
-            allowed[:, :, 0] |= ~self.q_valid
-            self._masks[window] = allowed[:, None]
-        return self._masks[window]
+            allowed[:, 0, :, 0] |= ~self.q_valid
+            self._masks[spec] = allowed
+        return self._masks[spec]
 
 
 @dataclass(kw_only=True)
@@ -196,7 +206,8 @@ class PagedAttention:
         self.pool = pool
         self.metadata: StepMetadata | None = None
 
-    def __call__(self, q, k, v, *, layer_idx, positions, sliding_window):
+    def __call__(self, q, k, v, *, layer_idx, attn: AttentionInputs):
+        check_paged(attn.spec)
         md = self.metadata
         assert md is not None, "set PagedAttention.metadata before the forward"
         k_cache, v_cache = self.pool.k[layer_idx], self.pool.v[layer_idx]
@@ -210,7 +221,7 @@ class PagedAttention:
             keys = k_cache.index_select(0, g.kv_slots.flatten()).unflatten(0, (n_seq, max_ctx))
             values = v_cache.index_select(0, g.kv_slots.flatten()).unflatten(0, (n_seq, max_ctx))
             queries = q[0].index_select(0, g.q_index.flatten()).unflatten(0, (n_seq, max_q))
-            keys, values, mask = keys.to(q.dtype), values.to(q.dtype), g.mask(sliding_window)
+            keys, values, mask = keys.to(q.dtype), values.to(q.dtype), g.mask(attn.spec)
             if max_q == 1:
                 out = _decode_sdpa(queries, keys, values, mask)
             else:

@@ -41,7 +41,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from parallm.distributed.parallel_dims import ParallelDims
 from parallm.errors import UserError
-from parallm.inference.model_runner import StepInputs
+from parallm.inference.step_inputs import StepInputs
 
 STEP_TIMEOUT = timedelta(minutes=10)
 IDLE_TIMEOUT = timedelta(days=7)

@@ -1,120 +1,118 @@
-"""This rank's tensor-parallel shard of a HF model, for serving: plain local tensors.
+"""This rank's tensor-parallel shard of a HF model, for serving: plain tensors, plain collectives.
 
-The layout is the training plan's, `parallelize.apply_tp`, applied on `meta`; the shard is then
-materialised and filled one checkpoint tensor at a time with the training helpers
-(`layout.materialize`, `layout.copy_local_shard`), so no rank ever holds the whole model.
+The family's `ParallelPlan` (the one training reads) says how each module is split. On `meta`,
+every module the plan shards is replaced by one that holds only this rank's slice and does the
+communication itself; the model is then materialised and filled one checkpoint tensor at a time
+(each rank slicing its part), so no rank ever holds the whole model. Parameter names do not
+change, so the checkpoint loader and tied weights work as on one process.
 
-Then every DTensor parameter is swapped for its local shard and the DTensor hooks for plain
-collectives, chosen by each parameter's placement (no sequence parallelism; every rank sees all
-N tokens of the step):
+  VOCAB_EMBED  rows of the table: look up the own ids, zero the others, all-reduce
+  COLWISE      output features (heads, ffn columns): no communication
+  ROWWISE      input features: partial sums all-reduced, then the bias added once
+  VOCAB_HEAD   vocabulary rows: local logits all-gathered, full on every rank
+  SEQUENCE, HEAD_LOCAL  replicated: as on one rank
 
-  embed_tokens   Shard(0), vocabulary rows: look up the own ids, zero the others, all-reduce
-  q/k/v, gate/up Shard(0), column-parallel: local heads / ffn columns, no communication
-  o, down        Shard(1), row-parallel: partial sums all-reduced, then the bias added once
-  norms          replicated: as on one rank
-  lm_head        Shard(0) over the vocabulary: local logits all-gathered, full on every rank
-
-Why not run the DTensor model as training does: DTensor propagates shardings per operator and
-caches the result by shape, and a serving step's shape changes nearly every step (N new tokens,
-R sampled rows). A cache miss cost about 2 s per step on CPU for a 2-layer model (measured), and
-sequence parallelism only saves activation memory, which serving does not need.
+No sequence parallelism: every rank sees all N tokens of a step. Why not DTensor as in training:
+DTensor propagates shardings per operator and caches the result by shape, and a serving step's
+shape changes nearly every step (N new tokens, R sampled rows); a cache miss cost about 2 s per
+step on CPU for a 2-layer model (measured), and sequence parallelism only saves activation
+memory, which serving does not need.
 """
 
 from __future__ import annotations
 
 import os
-from functools import partial
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
 
+from parallm.inference.tp import TPGroup
 from parallm.models import hf
-from parallm.models.llama.model import Transformer
-from parallm.models.llama.parallelize import apply_tp
-from parallm.train.layout import copy_local_shard, materialize
-from parallm.utils.fs import read_json
+from parallm.models.build import materialize
+from parallm.models.plan import TP
+from parallm.models.registry import FamilySpec
+
+# The dimension of a Linear / Embedding weight each sharded style splits.
+_WEIGHT_DIM = {TP.COLWISE: 0, TP.ROWWISE: 1, TP.VOCAB_EMBED: 0, TP.VOCAB_HEAD: 0}
 
 
 def load_sharded(
-    path: str | os.PathLike,
-    tp_mesh: DeviceMesh,
-    device: torch.device,
-    dtype: str | torch.dtype | None = None,
-) -> Transformer:
-    """Build, shard and fill this rank's part of the HF model at `path` on `device`.
+    path: str | os.PathLike, tp: TPGroup, dtype: str | torch.dtype | None = None
+) -> nn.Module:
+    """Build, shard and fill this rank's part of the HF model at `path` on `tp.device`.
     `dtype` defaults to the checkpoint's, as in `hf.load_pretrained`."""
-    cfg = read_json(os.path.join(path, "config.json"))
-    dtype = hf.resolve_dtype(
-        dtype if dtype is not None else cfg.get("torch_dtype", cfg.get("dtype"))
+    spec, args = hf.read_family(path)
+    dtype = hf.resolve_dtype(dtype if dtype is not None else hf.checkpoint_dtype(path))
+    model = spec.build(args).to(dtype)
+    shard_by_plan(model, spec, tp.rank, tp.size, tp.group)
+    materialize(model, tp.device)
+    hf.load_weights_into(
+        model, path, fill=lambda p, full: p.detach().copy_(local_slice(full, p.shape, tp.rank))
     )
-    with torch.device("meta"):
-        model = Transformer(hf.read_args(path)).to(dtype)
-    apply_tp(model, tp_mesh, loss_parallel=False)
-    materialize(model, device)
-    hf.load_weights_into(model, path, fill=copy_local_shard)
-    _localize(model, tp_mesh)
     return model.eval()
 
 
-def _localize(model: Transformer, tp_mesh: DeviceMesh) -> None:
-    """Swap DTensor parameters for their local shards and DTensor hooks for plain collectives."""
-    group = tp_mesh.get_group()
-    head, embed = model.lm_head, model.embed_tokens
-    row_parallel = [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.Linear) and m is not head and m.weight.placements == (Shard(1),)
-    ]
-    assert embed.weight.placements == (Shard(0),) and head.weight.placements == (Shard(0),)
-    local: dict[int, nn.Parameter] = {}  # by DTensor: tied embeddings stay one parameter
-    for module in model.modules():
-        # Only parallelize_module's input/output redistribution hooks live here (no compile,
-        # no checkpointing in serving); they would turn plain tensors back into DTensors.
-        module._forward_pre_hooks.clear()
-        module._forward_pre_hooks_with_kwargs.clear()
-        module._forward_hooks.clear()
-        module._forward_hooks_with_kwargs.clear()
-        module._forward_hooks_always_called.clear()
-        for name, p in list(module.named_parameters(recurse=False)):
-            if id(p) not in local:
-                value = p.to_local() if isinstance(p, DTensor) else p
-                local[id(p)] = nn.Parameter(value.detach(), requires_grad=False)
-            setattr(module, name, local[id(p)])
-    for linear in row_parallel:
-        bias, linear.bias = linear.bias, None  # replicated: added once, after the sum
-        linear.register_forward_hook(partial(_all_reduce, group=group, bias=bias))
-    model.embed_tokens = _VocabParallelEmbedding(embed.weight, tp_mesh.get_local_rank(), group)
-    head.register_forward_hook(partial(_all_gather_vocab, group=group))
+def local_slice(full: torch.Tensor, shape: torch.Size, rank: int) -> torch.Tensor:
+    """Rank `rank`'s equal slice of `full` that has `shape` (the one dimension that differs)."""
+    dims = [d for d, (a, b) in enumerate(zip(full.shape, shape, strict=True)) if a != b]
+    if not dims:
+        return full
+    (d,) = dims
+    return full.narrow(d, rank * shape[d], shape[d])
 
 
-def _all_reduce(_module, _inputs, out: torch.Tensor, *, group, bias: torch.Tensor | None):
-    dist.all_reduce(out, group=group)  # (B, T, dim) partial sums over the rank's columns
-    return out if bias is None else out + bias
+def shard_by_plan(model: nn.Module, spec: FamilySpec, rank: int, size: int, group) -> None:
+    """On `meta`: replace every module the plan shards with its local-slice counterpart."""
+    plan = spec.plan
+    for name, module in list(model.named_modules()):
+        style = plan.style_of(name)
+        if style not in _WEIGHT_DIM or module is None:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        local = _Sharded(module, style, rank, size, group)
+        setattr(model.get_submodule(parent), leaf, local)
+    for name, source in spec.tied(model.args).items():  # both ends hold the same rows
+        module, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(module), leaf, model.get_parameter(source))
 
 
-def _all_gather_vocab(_module, _inputs, out: torch.Tensor, *, group) -> torch.Tensor:
-    parts = [torch.empty_like(out) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, out.contiguous(), group=group)  # (B, R, vocab / tp) each
-    return torch.cat(parts, dim=-1)  # (B, R, vocab)
+def _meta_param(like: torch.Tensor, dim: int | None, size: int) -> nn.Parameter:
+    shape = list(like.shape)
+    if dim is not None:
+        shape[dim] //= size
+    return nn.Parameter(torch.empty(shape, dtype=like.dtype, device="meta"), requires_grad=False)
 
 
-class _VocabParallelEmbedding(nn.Module):
-    """An embedding whose rank holds rows [rank * V_local, (rank + 1) * V_local) of the table."""
+class _Sharded(nn.Module):
+    """A Linear or Embedding holding this rank's slice (see the module docstring)."""
 
-    def __init__(self, weight: nn.Parameter, rank: int, group) -> None:
+    def __init__(self, module: nn.Module, style: TP, rank: int, size: int, group) -> None:
         super().__init__()
-        self.weight = weight  # (V_local, dim); the same parameter as a tied lm_head
-        self.start = rank * weight.shape[0]
-        self.group = group
+        self.style, self.group = style, group
+        dim = _WEIGHT_DIM[style]
+        self.weight = _meta_param(module.weight, dim, size)
+        bias = getattr(module, "bias", None)
+        # A row-parallel bias is replicated (added once after the sum); others follow dim 0.
+        self.bias = None if bias is None else _meta_param(bias, None if dim == 1 else 0, size)
+        self.start = rank * self.weight.shape[0]  # first vocabulary row (embedding)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        local = ids - self.start
-        mine = (local >= 0) & (local < self.weight.shape[0])  # (B, T)
-        out = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
-        out = out * mine[..., None].to(out.dtype)  # (B, T, dim), zero for other ranks' ids
-        dist.all_reduce(out, group=self.group)
-        return out
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.style is TP.VOCAB_EMBED:
+            local = x - self.start
+            mine = (local >= 0) & (local < self.weight.shape[0])  # (B, T)
+            out = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
+            out = out * mine[..., None].to(out.dtype)  # (B, T, dim), zero for others' ids
+            dist.all_reduce(out, group=self.group)
+            return out
+        if self.style is TP.ROWWISE:
+            out = F.linear(x, self.weight)  # (B, T, out) partial sums over this rank's inputs
+            dist.all_reduce(out, group=self.group)
+            return out if self.bias is None else out + self.bias
+        out = F.linear(x, self.weight, self.bias)
+        if self.style is TP.COLWISE:
+            return out
+        parts = [torch.empty_like(out) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, out.contiguous(), group=self.group)  # (B, R, vocab / tp) each
+        return torch.cat(parts, dim=-1)  # (B, R, vocab)

@@ -18,8 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from parallm.errors import UserError
-from parallm.models.llama import hf_adapter
-from parallm.models.llama.model import ModelArgs, Transformer, canonical_name, value_source
+from parallm.models.build import canonical_name, value_source
+from parallm.models.registry import FamilySpec, family_of_args, family_of_config
 from parallm.utils.fs import atomic_dir, read_json
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -36,10 +36,17 @@ def _model_dir(path: str | os.PathLike) -> Path:
     return d
 
 
-def read_args(path: str | os.PathLike) -> ModelArgs:
-    """`ModelArgs` from a model directory's `config.json`."""
+def read_args(path: str | os.PathLike) -> Any:
+    """The model arguments of a model directory's `config.json` (its family's args type)."""
     cfg_path = _model_dir(path) / "config.json"
-    return hf_adapter.args_from_hf(read_json(cfg_path), str(cfg_path))
+    cfg = read_json(cfg_path)
+    return family_of_config(cfg, str(cfg_path)).hf.args_from_hf(cfg, str(cfg_path))
+
+
+def read_family(path: str | os.PathLike) -> tuple[FamilySpec, Any]:
+    """The family and model arguments of a model directory."""
+    args = read_args(path)
+    return family_of_args(args), args
 
 
 def _weight_files(d: Path) -> dict[str, Path]:
@@ -80,12 +87,14 @@ class _open:
         self.handle.__exit__(*exc)
 
 
-def _expected_shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
-    """HF key -> shape for every parameter the checkpoint must provide."""
-    shapes = {hf_adapter.hf_key(n): tuple(p.shape) for n, p in model.named_parameters()}
-    if model.args.tie_embeddings:
-        shapes.pop("lm_head.weight", None)
-    return shapes
+def _expected_shapes(spec: FamilySpec, args: Any) -> dict[str, tuple[int, ...]]:
+    """HF key -> shape for every parameter the checkpoint must provide (tied ones once)."""
+    tied = spec.tied(args)
+    return {
+        spec.hf.hf_key(n): tuple(p.shape)
+        for n, p in spec.build(args).named_parameters()
+        if n not in tied
+    }
 
 
 def _check_complete(d: Path, expected: dict[str, tuple[int, ...]], files: dict[str, Path]) -> None:
@@ -113,29 +122,31 @@ def _get_tensor(handle, f: Path, key: str, shape: tuple[int, ...]) -> torch.Tens
 
 
 def _read_state_dict(
-    d: Path, expected: dict[str, tuple[int, ...]], dtype: torch.dtype, device: str
+    d: Path, spec: FamilySpec, args: Any, dtype: torch.dtype, device: str
 ) -> dict[str, torch.Tensor]:
+    expected = _expected_shapes(spec, args)
     files = _weight_files(d)
     _check_complete(d, expected, files)
+    tied_keys = {spec.hf.hf_key(n) for n in spec.tied(args)}
     by_file: dict[Path, list[str]] = {}
     for key, f in files.items():
-        if hf_adapter.parallm_key(key) is not None:
+        if spec.hf.parallm_key(key) is not None:
             by_file.setdefault(f, []).append(key)
     state: dict[str, torch.Tensor] = {}
     for f, keys in by_file.items():
         with _open(f, device) as handle:
             for key in keys:
                 if key not in expected:
-                    if key == "lm_head.weight":  # a tied checkpoint that also stored the head
+                    if key in tied_keys:  # a tied checkpoint that also stored the head
                         continue
                     raise UserError(f"{f.name}: unexpected tensor {key!r} for this config.json")
                 tensor = _get_tensor(handle, f, key, expected[key])
-                state[hf_adapter.parallm_key(key)] = tensor.to(dtype)
+                state[spec.hf.parallm_key(key)] = tensor.to(dtype)
     return state
 
 
 def load_weights_into(
-    model: Transformer,
+    model: torch.nn.Module,
     path: str | os.PathLike,
     *,
     fill: Callable[[torch.Tensor, torch.Tensor], None],
@@ -144,11 +155,11 @@ def load_weights_into(
     HF directory one tensor at a time: `fill(param, full_float32_value)` keeps what it needs."""
     d = _model_dir(path)
     files = _weight_files(d)
-    with torch.device("meta"):
-        expected = _expected_shapes(Transformer(model.args))
+    spec = family_of_args(model.args)
+    expected = _expected_shapes(spec, model.args)
     _check_complete(d, expected, files)
     for name, param in model.named_parameters():
-        key = hf_adapter.hf_key(value_source(name, model.args))
+        key = spec.hf.hf_key(value_source(model, name))
         with _open(files[key], "cpu") as handle:
             fill(param, _get_tensor(handle, files[key], key, expected[key]).float())
 
@@ -157,25 +168,35 @@ def load_pretrained(
     path: str | os.PathLike,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
-) -> Transformer:
-    """Load a HF Llama / Mistral / Qwen2 / Qwen3 directory without `transformers`.
+) -> torch.nn.Module:
+    """Load a HF directory of any registered family (Llama / Mistral / Qwen2 / Qwen3, ...)
+    without `transformers`.
 
     dtype defaults to the checkpoint's `torch_dtype` (float32 when absent); device to CPU.
     `model(input_ids)` returns logits (B, T, vocab).
     """
     d = _model_dir(path)
-    cfg = read_json(d / "config.json")
-    args = hf_adapter.args_from_hf(cfg, str(d / "config.json"))
-    dtype = resolve_dtype(dtype if dtype is not None else cfg.get("torch_dtype", cfg.get("dtype")))
+    spec, args = read_family(d)
+    dtype = resolve_dtype(dtype if dtype is not None else checkpoint_dtype(d))
     device = str(device) if device is not None else "cpu"
-    with torch.device("meta"):
-        model = Transformer(args)
-    state = _read_state_dict(d, _expected_shapes(model), dtype, device)
+    model = spec.build(args)
+    state = _read_state_dict(d, spec, args, dtype, device)
     model.load_state_dict(state, strict=False, assign=True)
-    if args.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+    for name, source in spec.tied(args).items():  # assign=True replaced the shared tensor
+        _set_param(model, name, model.get_parameter(source))
     model.init_buffers(device)
     return model.eval()
+
+
+def checkpoint_dtype(path: str | os.PathLike) -> str | None:
+    """The `torch_dtype` (or `dtype`) a model directory's `config.json` names, if any."""
+    cfg = read_json(_model_dir(path) / "config.json")
+    return cfg.get("torch_dtype", cfg.get("dtype"))
+
+
+def _set_param(model: torch.nn.Module, name: str, value: torch.nn.Parameter) -> None:
+    module, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(module), leaf, value)
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
@@ -190,7 +211,7 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 
 
 def save_pretrained(
-    model: Transformer,
+    model: torch.nn.Module,
     path: str | os.PathLike,
     tokenizer: Any | None = None,
     *,
@@ -206,17 +227,19 @@ def save_pretrained(
 
 def save_state_dict(
     state: dict[str, torch.Tensor],
-    args: ModelArgs,
+    args: Any,
     path: str | os.PathLike,
     tokenizer: Any | None = None,
     *,
     max_shard_bytes: int = 5 * 2**30,
 ) -> Path:
     """Write full parameters keyed by parallm names as a HF directory, atomically."""
+    spec = family_of_args(args)
+    tied = spec.tied(args)
     tensors = {
-        hf_adapter.hf_key(n): t.detach().to("cpu").contiguous()
+        spec.hf.hf_key(n): t.detach().to("cpu").contiguous()
         for n, t in state.items()
-        if not (args.tie_embeddings and n == "lm_head.weight")
+        if n not in tied
     }
     dtype = next(iter(tensors.values())).dtype
     dtype_name = str(dtype).removeprefix("torch.")
@@ -233,7 +256,7 @@ def save_state_dict(
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
-        config = hf_adapter.args_to_hf(args, dtype_name)
+        config = spec.hf.args_to_hf(args, dtype_name)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True))

@@ -1,6 +1,6 @@
 """Choose a training layout: enumerate the valid ones, predict memory, traffic and step time.
 
-Everything is arithmetic on `ModelArgs`; nothing is built. The state (parameters, gradients,
+Everything is arithmetic on the model family's facts and plan; nothing is allocated. The state (parameters, gradients,
 AdamW) is exact, from `planner.state`; activations, traffic and time are standard estimates whose
 assumptions are listed here, so a reader can tell what a number means and where it is rough.
 
@@ -59,13 +59,14 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from parallm.models.llama.model import ModelArgs
+from parallm.models.registry import family_of_args
 from parallm.planner.spec import Layout, PlanRequest
 from parallm.planner.state import (
-    ParamSpec,
     RankHoldings,
+    facts_of,
     layer_params,
     local_numel,
+    param_specs,
     predict_state_bytes,
     rank_holdings,
 )
@@ -156,7 +157,7 @@ class _Rank:
     state: dict[str, int]  # exact float32 state bytes
 
 
-def _rank(args: ModelArgs, lay: Layout, req: PlanRequest, r: int) -> _Rank:
+def _rank(args, lay: Layout, req: PlanRequest, r: int) -> _Rank:
     held = rank_holdings(args, lay.pp, r)
     layer_tp = sum(local_numel(s, tp=lay.tp) for s in layer_params(args))
     blocks_tp = held.n_layers * layer_tp
@@ -174,14 +175,15 @@ def _rank(args: ModelArgs, lay: Layout, req: PlanRequest, r: int) -> _Rank:
     )
 
 
-def activation_bytes_per_layer(args: ModelArgs, tokens: int, tp: int, dtype_bytes: int) -> float:
+def activation_bytes_per_layer(args, tokens: int, tp: int, dtype_bytes: int) -> float:
     """Bytes one decoder layer keeps for backward for `tokens` local tokens (module docstring)."""
-    h, d, hq, hkv = args.dim, args.head_dim, args.n_heads, args.n_kv_heads
-    elements = 2 * h / tp + 2 * h + (3 * hq + 3 * hkv) * d / tp + 4 * args.ffn_dim / tp
+    f = facts_of(args)
+    h, d, hq, hkv = f.dim, f.head_dim, f.n_heads, f.n_kv_heads
+    elements = 2 * h / tp + 2 * h + (3 * hq + 3 * hkv) * d / tp + 4 * f.ffn_dim / tp
     return tokens * (elements * dtype_bytes + hq / tp * LSE_BYTES)
 
 
-def _memory(args: ModelArgs, lay: Layout, req: PlanRequest, hw: Hardware, rk: _Rank) -> Memory:
+def _memory(args, lay: Layout, req: PlanRequest, hw: Hardware, rk: _Rank) -> Memory:
     d, mixed = req.dtype_bytes, req.dtype_bytes < MASTER_BYTES
     if not lay.dims().fsdp_enabled:
         gathered = rk.rank_tp * d if mixed else 0  # autocast's cached low-precision weights
@@ -199,14 +201,17 @@ def _memory(args: ModelArgs, lay: Layout, req: PlanRequest, hw: Hardware, rk: _R
         optimizer=rk.state["optimizer"],
         gathered=int(gathered),
         activations=int(per_layer * rk.held.n_layers * in_flight),
-        logits=rk.tokens * (args.vocab_size // lay.tp) * LOGIT_BYTES if rk.held.last else 0,
+        logits=rk.tokens * (facts_of(args).vocab_size // lay.tp) * LOGIT_BYTES
+        if rk.held.last
+        else 0,
         reserved=hw.reserved_bytes,
     )
 
 
-def _traffic(args: ModelArgs, lay: Layout, req: PlanRequest, rk: _Rank) -> dict[str, float]:
+def _traffic(args, lay: Layout, req: PlanRequest, rk: _Rank) -> dict[str, float]:
     """Bytes this rank sends per step on each mesh axis (module docstring)."""
     d, t, n, m, tokens = req.dtype_bytes, lay.tp, lay.dp_shard * lay.cp, rk.m, rk.tokens
+    f = facts_of(args)
     comm = dict.fromkeys(COMM_AXES, 0.0)
     if n > 1:
         frac = (n - 1) / n
@@ -220,22 +225,23 @@ def _traffic(args: ModelArgs, lay: Layout, req: PlanRequest, rk: _Rank) -> dict[
         comm["dp_replicate"] = 2 * (rep - 1) / rep * syncs * rk.state["gradients"]
     if t > 1:
         collectives = 8 * rk.held.n_layers + 2 * rk.held.first + 2 * rk.held.last
-        comm["tp"] = m * collectives * (t - 1) / t * tokens * args.dim * d
+        comm["tp"] = m * collectives * (t - 1) / t * tokens * f.dim * d
     if lay.cp > 1:
-        c, kv = lay.cp, tokens * args.n_kv_heads * args.head_dim / t
+        c, kv = lay.cp, tokens * f.n_kv_heads * f.head_dim / t
         if lay.cp_mode == "ulysses":
-            q = tokens * args.n_heads * args.head_dim / t
+            q = tokens * f.n_heads * f.head_dim / t
             per_layer = 2 * (c - 1) / c * (2 * q + 2 * kv) * d
         else:
             per_layer = 2 * (c - 1) * 2 * kv * d + c * 2 * kv * GRAD_BYTES
         comm["cp"] = m * rk.held.n_layers * per_layer
     if lay.pp > 1:
         sends = 2 if 0 < rk.r < lay.pp - 1 else 1  # middle ranks pass both ways
-        comm["pp"] = sends * m * tokens * args.dim / t * d
-        if args.tie_embeddings:  # every pipeline rank joins, those without it with zeros
-            embed = ParamSpec("embed_tokens.weight", (args.vocab_size, args.dim), 0)
-            shard = local_numel(embed, tp=t, shard=n) * GRAD_BYTES
-            comm["pp"] += 2 * (lay.pp - 1) / lay.pp * shard
+        comm["pp"] = sends * m * tokens * f.dim / t * d
+        tied = family_of_args(args).tied(args)
+        for p in param_specs(args)[1]:  # every pipeline rank joins, those without it with zeros
+            if p.name in tied.values():
+                shard = local_numel(p, tp=t, shard=n) * GRAD_BYTES
+                comm["pp"] += 2 * (lay.pp - 1) / lay.pp * shard
     return comm
 
 
@@ -257,17 +263,18 @@ def _seconds(comm: dict[str, float], lay: Layout, hw: Hardware) -> dict[str, flo
     return out
 
 
-def _compute_s(args: ModelArgs, lay: Layout, req: PlanRequest, hw: Hardware, rk: _Rank) -> float:
+def _compute_s(args, lay: Layout, req: PlanRequest, hw: Hardware, rk: _Rank) -> float:
     # FLOPs as train.metrics.flops_per_token, split by stage: 6 per parameter and token, plus
     # causal attention (6 * Hq * D * T per token and layer), for this rank's share of tokens.
-    attn = 6 * args.n_heads * args.head_dim * req.seq_len
+    f = facts_of(args)
+    attn = 6 * f.n_heads * f.head_dim * req.seq_len
     layer = 6 * sum(math.prod(s.shape) for s in layer_params(args)) + attn
-    head = 6 * args.vocab_size * args.dim if rk.held.last else 0
+    head = 6 * f.vocab_size * f.dim if rk.held.last else 0
     tokens = req.batch * req.seq_len / (lay.dp * lay.cp)
     return tokens * (rk.held.n_layers * layer + head) / lay.tp / (hw.peak_flops * hw.mfu)
 
 
-def _representative_pp_ranks(args: ModelArgs, pp: int) -> list[int]:
+def _representative_pp_ranks(args, pp: int) -> list[int]:
     """One pipeline rank per kind (layer count, ends, middle or not): the smallest, which keeps
     the most micro-batches in flight, so the rest of its kind can be skipped."""
     kinds: dict[tuple, int] = {}
@@ -277,9 +284,7 @@ def _representative_pp_ranks(args: ModelArgs, pp: int) -> list[int]:
     return sorted(kinds.values())
 
 
-def estimate(
-    args: ModelArgs, layout: Layout, req: PlanRequest, hw: Hardware | None = None
-) -> Candidate:
+def estimate(args, layout: Layout, req: PlanRequest, hw: Hardware | None = None) -> Candidate:
     """Predict memory, traffic and step time of one layout (valid for `args`, see `search`)."""
     hw = hw or Hardware()
     ranks = [_rank(args, layout, req, r) for r in _representative_pp_ranks(args, layout.pp)]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 from parallm.models.hf import read_args
-from parallm.models.llama.model import ModelArgs
 from parallm.planner.cost_model import COMM_AXES, GIB, Candidate
 from parallm.planner.search import plan, recommend
+from parallm.planner.state import facts_of
 
 GB = 1e9  # traffic is shown in decimal GB, memory in GiB
 MEMORY_COLUMNS = ("parameters", "gradients", "optimizer", "gathered", "activations", "logits")
@@ -94,16 +94,17 @@ def plan_to_dict(candidates: list[Candidate], *, gpu_memory_gb: float) -> dict:
     }
 
 
-def _describe(args: ModelArgs) -> str:
+def _describe(args) -> str:
+    args = facts_of(args)
     return (
-        f"{args.num_params() / 1e9:.3f}B parameters ({args.n_layers} layers, dim {args.dim}, "
+        f"{args.num_params / 1e9:.3f}B parameters ({args.n_layers} layers, dim {args.dim}, "
         f"{args.n_heads} heads / {args.n_kv_heads} kv, ffn {args.ffn_dim}, vocab {args.vocab_size})"
     )
 
 
 def _plan_dir(
     model_dir: str, gpus: int, gpu_memory_gb: float, seq_len: int, batch: int, micro_batch: int
-) -> tuple[ModelArgs, list[Candidate]]:
+) -> tuple[object, list[Candidate]]:
     args = read_args(model_dir)
     candidates = plan(
         args,
@@ -136,7 +137,7 @@ def plan_json(
     args, candidates = _plan_dir(model_dir, gpus, gpu_memory_gb, seq_len, batch, micro_batch)
     out = {
         "model": model_dir,
-        "parameters": args.num_params(),
+        "parameters": facts_of(args).num_params,
         "gpus": gpus,
         "seq_len": seq_len,
         "batch": batch,

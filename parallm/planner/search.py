@@ -6,16 +6,16 @@ import itertools
 
 from parallm.distributed.context_parallel import CP_MODES
 from parallm.errors import UserError
-from parallm.models.llama.model import ModelArgs
 from parallm.planner.cost_model import TP_DEGREES, Candidate, Hardware, estimate
 from parallm.planner.spec import Layout, PlanRequest
+from parallm.planner.state import facts_of
 
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _usable(args: ModelArgs, layout: Layout, req: PlanRequest) -> bool:
+def _usable(args, layout: Layout, req: PlanRequest) -> bool:
     """Whether the trainer would accept `layout` for this model, sequence and batch."""
     if req.batch % (layout.dp * req.micro_batch):
         return False  # each data-parallel rank needs whole micro-batches
@@ -33,14 +33,14 @@ def _usable(args: ModelArgs, layout: Layout, req: PlanRequest) -> bool:
     return True
 
 
-def valid_layouts(args: ModelArgs, req: PlanRequest, hw: Hardware) -> list[Layout]:
+def valid_layouts(args, req: PlanRequest, hw: Hardware) -> list[Layout]:
     """Every layout of `req.gpus` GPUs the trainer accepts: tp a power of two within one node,
     pp dividing the layers (1F1B, one stage per rank), cp in either mode, and the data-parallel
     rest split every way between replication and sharding."""
     out = []
     divisors = _divisors(req.gpus)
     for tp, pp, cp, rep in itertools.product(TP_DEGREES, divisors, divisors, divisors):
-        if tp > hw.gpus_per_node or req.gpus % (tp * pp * cp * rep) or args.n_layers % pp:
+        if tp > hw.gpus_per_node or req.gpus % (tp * pp * cp * rep) or facts_of(args).n_layers % pp:
             continue
         shard = req.gpus // (tp * pp * cp * rep)
         for mode in CP_MODES if cp > 1 else CP_MODES[:1]:
@@ -51,7 +51,7 @@ def valid_layouts(args: ModelArgs, req: PlanRequest, hw: Hardware) -> list[Layou
 
 
 def plan(
-    args: ModelArgs,
+    args,
     *,
     gpus: int,
     gpu_memory_gb: float,

@@ -1,16 +1,17 @@
 """Exact per-rank bytes of parameters, gradients and AdamW state, without building a model.
 
-Reproduces what `parallm.train.trainer.state_bytes` measures on a real layout, from the shapes in
-`ModelArgs` and the degrees in `ParallelDims` alone, by following the same rules the real code
-applies to every parameter:
+Reproduces what `parallm.train.trainer.state_bytes` measures on a real layout, from the shapes of
+the family's model (built on `meta`: nothing allocated) and the degrees in `ParallelDims` alone,
+by following the same rules the real code applies to every parameter:
 
 1. Pipeline cutting (`distributed/pipeline.py`): a pipeline rank holds the layers of its stages;
-   the first stage holds `embed_tokens`, the last `norm` and `lm_head`. With tied embeddings and
-   pp > 1 the last stage's `lm_head.weight` is its own copy; with pp = 1 it is the embedding.
-2. Tensor parallelism (`models/llama/parallelize.py`, DTensor `Shard` = `torch.chunk` slices):
-   column-parallel q/k/v/gate/up/lm_head shard weight dim 0 and their bias; row-parallel o/down
-   shard weight dim 1 and replicate their bias; the vocabulary-parallel embedding shards dim 0;
-   norms (and Qwen3's q/k norms) are replicated.
+   the first stage holds the plan's `first_stage` modules (embeddings), the last its
+   `last_stage` ones (final norm, head). A tied copy (the family's `tied`, e.g. a tied head)
+   is its own tensor on another stage, and the same tensor when one stage holds both.
+2. Tensor parallelism (the family's `ParallelPlan`, DTensor `Shard` = `torch.chunk` slices):
+   each parameter's sharded dimension is `plan.sharded_dim` (column-parallel weights and biases
+   dim 0, row-parallel weights dim 1 with a replicated bias, vocabulary-parallel tables dim 0,
+   norms replicated).
 3. FSDP2 (`fully_shard` over dp_shard x cp, dp_replicate only replicates) chunks dim 0 of the
    TP-local tensor with `torch.chunk` semantics: chunks of ceil(n / k) rows, so the last ranks
    get a smaller chunk or none at all (6 rows over 4 ranks give 2, 2, 2, 0 and 9 give 3, 3, 3, 0,
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from parallm.distributed import pipeline
 from parallm.distributed.parallel_dims import AXES, ParallelDims
 from parallm.errors import UserError
-from parallm.models.llama.model import ModelArgs
+from parallm.models.registry import ModelFacts, family_of_args
 
 ADAMW_STEP_BYTES = 4  # AdamW's per-tensor `step` is a float32 scalar
 
@@ -60,34 +61,44 @@ class RankHoldings:
         return len(self.layer_ids)
 
 
-def _linear(name: str, d_in: int, d_out: int, bias: bool, colwise: bool) -> list[ParamSpec]:
-    # nn.Linear weight is (out, in): colwise shards the output rows, rowwise the input columns.
-    specs = [ParamSpec(f"{name}.weight", (d_out, d_in), 0 if colwise else 1)]
-    if bias:  # a colwise bias follows its output rows; a rowwise bias is added after the sum
-        specs.append(ParamSpec(f"{name}.bias", (d_out,), 0 if colwise else None))
-    return specs
+_SPECS: dict[str, tuple[tuple[ParamSpec, ...], tuple[ParamSpec, ...]]] = {}
 
 
-def layer_params(args: ModelArgs) -> list[ParamSpec]:
+def facts_of(args) -> ModelFacts:
+    """The shape facts of `args`'s model (its family's `facts`)."""
+    return family_of_args(args).facts(args)
+
+
+def param_specs(args) -> tuple[tuple[ParamSpec, ...], tuple[ParamSpec, ...]]:
+    """One block's parameters (names relative to `layers.<i>.`) and those outside the blocks,
+    read from the family's model on `meta` and its plan (computed once per model shape)."""
+    key = f"{type(args).__qualname__}:{args!r}"
+    if key not in _SPECS:
+        spec = family_of_args(args)
+        plan = spec.plan
+        model = spec.build(args)
+        block_prefix = f"{plan.layers}.0."
+        block, top = [], []
+        for name, p in model.named_parameters():
+            if name.startswith(block_prefix):
+                rel = name[len(block_prefix) :]
+                block.append(ParamSpec(rel, tuple(p.shape), plan.sharded_dim(name)))
+            elif not name.startswith(f"{plan.layers}."):
+                top.append(ParamSpec(name, tuple(p.shape), plan.sharded_dim(name)))
+        for name, source in spec.tied(args).items():  # listed once above, under its source
+            shape = next(t.shape for t in top if t.name == source)
+            top.append(ParamSpec(name, shape, plan.sharded_dim(name)))
+        _SPECS[key] = (tuple(block), tuple(top))
+    return _SPECS[key]
+
+
+def layer_params(args) -> list[ParamSpec]:
     """The parameters of one decoder layer (names relative to `layers.<i>.`)."""
-    q_out, kv_out = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-    specs = [ParamSpec("input_layernorm.weight", (args.dim,), None)]
-    specs += _linear("self_attn.q_proj", args.dim, q_out, args.qkv_bias, colwise=True)
-    specs += _linear("self_attn.k_proj", args.dim, kv_out, args.qkv_bias, colwise=True)
-    specs += _linear("self_attn.v_proj", args.dim, kv_out, args.qkv_bias, colwise=True)
-    specs += _linear("self_attn.o_proj", q_out, args.dim, args.o_bias, colwise=False)
-    if args.qk_norm:
-        specs.append(ParamSpec("self_attn.q_norm.weight", (args.head_dim,), None))
-        specs.append(ParamSpec("self_attn.k_norm.weight", (args.head_dim,), None))
-    specs.append(ParamSpec("post_attention_layernorm.weight", (args.dim,), None))
-    specs += _linear("mlp.gate_proj", args.dim, args.ffn_dim, args.mlp_bias, colwise=True)
-    specs += _linear("mlp.up_proj", args.dim, args.ffn_dim, args.mlp_bias, colwise=True)
-    specs += _linear("mlp.down_proj", args.ffn_dim, args.dim, args.mlp_bias, colwise=False)
-    return specs
+    return list(param_specs(args)[0])
 
 
 def rank_holdings(
-    args: ModelArgs,
+    args,
     pp: int,
     pp_rank: int,
     *,
@@ -102,17 +113,23 @@ def rank_holdings(
         per_rank = pipeline.stages_per_rank(pp_schedule, pp_virtual_stages)
         n_stages = pp * per_rank
         ids = pipeline.stage_ids(pp_schedule, pp_rank, pp, per_rank)
-    layers = pipeline.split_layers(args.n_layers, n_stages, pp_layers or None)
+    layers = pipeline.split_layers(facts_of(args).n_layers, n_stages, pp_layers or None)
     first, last = 0 in ids, n_stages - 1 in ids
-    embed = ParamSpec("embed_tokens.weight", (args.vocab_size, args.dim), 0)
-    head = ParamSpec("lm_head.weight", (args.vocab_size, args.dim), 0)
-    ends: list[ParamSpec] = [embed] if first else []
-    if last:
-        ends.append(ParamSpec("norm.weight", (args.dim,), None))
-        # Tied on one stage: lm_head.weight is embed_tokens.weight, one parameter. Across
-        # stages each end has its own tensor (kept equal by summing their gradients).
-        if not (args.tie_embeddings and n_stages == 1):
-            ends.append(head)
+    spec = family_of_args(args)
+    plan, tied = spec.plan, spec.tied(args)
+
+    def kept(name: str) -> bool:
+        module = name.rpartition(".")[0].partition(".")[0]
+        if module in plan.first_stage:
+            return first
+        return last if module in plan.last_stage else True
+
+    ends: list[ParamSpec] = []
+    for p in param_specs(args)[1]:
+        # Tied on one stage: the copy is its source, one parameter. Across stages each end has
+        # its own tensor (kept equal by summing their gradients).
+        if kept(p.name) and not (p.name in tied and n_stages == 1):
+            ends.append(p)
     layer_ids = tuple(j for i in ids for j in layers[i])
     return RankHoldings(layer_ids=layer_ids, ends=tuple(ends), first=first, last=last)
 
@@ -151,7 +168,7 @@ def _coords(dims: ParallelDims, rank_coords: dict[str, int]) -> dict[str, int]:
 
 
 def _locate(
-    args: ModelArgs,
+    args,
     dims: ParallelDims,
     rank_coords: dict[str, int],
     pp_schedule: str,
@@ -177,7 +194,7 @@ def _locate(
 
 
 def local_numels(
-    args: ModelArgs,
+    args,
     dims: ParallelDims,
     *,
     rank_coords: dict[str, int],
@@ -198,7 +215,7 @@ def local_numels(
 
 
 def predict_state_bytes(
-    args: ModelArgs,
+    args,
     dims: ParallelDims,
     *,
     rank_coords: dict[str, int],
@@ -215,9 +232,10 @@ def predict_state_bytes(
     """
     held, where = _locate(args, dims, rank_coords, pp_schedule, pp_virtual_stages, pp_layers)
     # Every layer has the same shapes: one layer's elements times the count.
-    per_layer = sum(local_numel(s, **where) for s in layer_params(args))
+    block = layer_params(args)
+    per_layer = sum(local_numel(s, **where) for s in block)
     numel = held.n_layers * per_layer + sum(local_numel(s, **where) for s in held.ends)
-    n_tensors = held.n_layers * len(layer_params(args)) + len(held.ends)
+    n_tensors = held.n_layers * len(block) + len(held.ends)
     param_bytes = numel * dtype_bytes
     return {
         "parameters": param_bytes,

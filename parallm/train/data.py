@@ -239,13 +239,13 @@ class PackedDataLoader:
         self.dp_rank, self.local_batch_size = dp_rank, local
         self.consumed = 0
 
-    def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's micro-batches of the next global batch: (inputs, labels), each (m, T)."""
+    def next_rows(self) -> torch.Tensor:
+        """This rank's slice of the next global batch: (local batch, seq_len + 1) token ids
+        (a task turns them into inputs and labels)."""
         first = self.consumed + self.dp_rank * self.local_batch_size
         rows = np.stack([self.dataset.sample(first + i) for i in range(self.local_batch_size)])
         self.consumed += self.global_batch_size
-        rows = torch.from_numpy(rows.astype(np.int64))
-        return [(chunk[:, :-1], chunk[:, 1:]) for chunk in rows.split(self.micro_batch_size, dim=0)]
+        return torch.from_numpy(rows.astype(np.int64))
 
     def state_dict(self) -> dict[str, int]:
         return {"consumed": self.consumed, "num_samples": len(self.dataset)}

@@ -10,18 +10,16 @@ from typing import Any, TextIO
 
 import torch
 
-from parallm.models.llama.model import ModelArgs
+from parallm.models.registry import family_of_args
 from parallm.utils.fs import write_lines_atomic
 
 # Dense bf16 peak FLOP/s by device-name substring; MFU is reported only for a known device.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 
-def flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x non-embedding params + causal attention (forward x 3)."""
-    matmul = 6 * args.num_params(embeddings=False) + 6 * args.dim * args.vocab_size
-    attention = 6 * args.n_layers * args.n_heads * args.head_dim * seq_len  # 12*L*H*D*T / 2
-    return float(matmul + attention)
+def flops_per_token(args, seq_len: int) -> float:
+    """Training FLOPs per token of `args`'s model family at `seq_len` (its spec's formula)."""
+    return family_of_args(args).flops_per_token(args, seq_len)
 
 
 def device_peak_flops(device: torch.device) -> float | None:

@@ -1,9 +1,12 @@
 """Forward and backward of one optimizer step on any layout; loss reduction; global clipping.
 
-Every rank holds the same number of tokens per micro-batch (packed rows, equal data-parallel
-slices, equal context-parallel chunks), so the global mean loss is the mean of the ranks' local
-means: FSDP averages gradients over the data and context axes, tensor-parallel ranks compute the
-same loss, and the pipeline's last stage is the only one that has it.
+The loss of a step is the sum of the task's per-unit losses over the global batch divided by the
+global number of counted units (`Task.count`), which is all-reduced over the data- and
+context-parallel ranks and summed over the step's micro-batches (and the pipeline's) before any
+forward. Each rank backpropagates its own sum times `dp * cp / count`: FSDP averages gradients
+over those dp * cp ranks, so the gradient is the single-process one however unevenly the
+counted tokens fall (masked labels, padding). Tensor-parallel ranks compute the same loss, and
+the pipeline's last stage is the only one that has it.
 """
 
 from __future__ import annotations
@@ -13,14 +16,16 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from parallm.config import ParallelConfig
 from parallm.distributed import pipeline
 from parallm.distributed.parallel_dims import ParallelDims
+from parallm.models.build import canonical_name
+from parallm.models.registry import family_of_model
 from parallm.train.layout import RankModel
+from parallm.train.tasks import Batch, Task
 
 
 def _value(t: torch.Tensor) -> torch.Tensor:
@@ -36,19 +41,21 @@ class StepRunner:
         model: RankModel,
         dims: ParallelDims,
         pcfg: ParallelConfig,
+        task: Task,
         *,
         device: torch.device,
-        n_accum: int,
         autocast: torch.dtype | None,
     ) -> None:
-        self.model, self.dims, self.pcfg = model, dims, pcfg
-        self.device, self.n_accum, self.autocast = device, n_accum, autocast
+        self.model, self.dims, self.pcfg, self.task = model, dims, pcfg, task
+        self.device, self.autocast = device, autocast
         self.schedule = None
         self.tied_sync = None
-        self.loss_scale = n_accum  # micro-batches whose gradients add up to one step's
+        self.loss_scale = torch.ones((), device=device)  # dp * cp / global count, per step
+        self._pipeline_batch: Batch | None = None  # the micro-batch the schedule is running
+        part = model.parts[0]
+        self.tied = family_of_model(part).tied(part.args)
         if dims.pp > 1:
             n_micro = pcfg.pp_microbatches or model.n_stages
-            self.loss_scale = n_accum * n_micro
             self.schedule = pipeline.build_schedule(
                 pcfg.pp_schedule,
                 model.parts,
@@ -57,17 +64,31 @@ class StepRunner:
                 group=dims.mesh["pp"].get_group(),
                 device=device,
                 n_microbatches=n_micro,
-                loss_fn=self._loss,
+                loss_fn=self._pipeline_loss,
             )
-            if model.parts[0].args.tie_embeddings:
+            if self.tied:
                 self.tied_sync = pipeline.TiedGradSync(model.parts, dims.mesh["pp"].get_group())
 
     # -- pieces ----------------------------------------------------------------------------------
 
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross entropy over these tokens, as a share of the step's mean loss."""
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-        return loss / self.loss_scale
+    def _loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """This micro-batch's summed loss as its share of the step's global mean (times the
+        dp * cp ranks FSDP averages gradients over)."""
+        return self.task.loss_sum(logits, batch) * self.loss_scale
+
+    def _pipeline_loss(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        # The schedule splits the target, the micro-batch's row indices, as it splits inputs.
+        return self._loss(logits, self._pipeline_batch.select(rows))
+
+    def _set_loss_scale(self, micro_batches: list[Batch]) -> None:
+        """dp * cp / (counted units of the global batch), all-reduced before any forward."""
+        count = torch.stack([self.task.count(b) for b in micro_batches]).sum().float()
+        d = self.dims
+        if dist.is_initialized() and d.dp * d.cp > 1:
+            count = count.reshape(1).clone()
+            dist.all_reduce(count, group=d.mesh["dp_cp"].get_group())
+            count = count[0]
+        self.loss_scale = d.dp * d.cp / count.clamp_min(1.0)
 
     def _loss_ctx(self):
         # Vocabulary-parallel logits: the loss (forward and backward) runs on the shards.
@@ -78,28 +99,28 @@ class StepRunner:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)
 
-    def _shard_sequence(self, x: torch.Tensor) -> torch.Tensor:
+    def _prepare(self, batch: Batch) -> Batch:
+        """On this device, and this rank's part of every sequence under context parallelism."""
+        batch = batch.to(self.device)
+        if batch.position_ids is None:  # the global positions, before they are sharded
+            batch.position_ids = batch.positions()
         if self.dims.cp == 1:
-            return x
+            return batch
         from parallm.distributed.context_parallel import shard_sequence
 
-        return shard_sequence(
-            x,
-            self.dims.coordinate("cp"),
-            self.dims.cp,
-            load_balance=self.pcfg.cp_mode == "ring",
-        )
+        rank, cp, balance = self.dims.coordinate("cp"), self.dims.cp, self.pcfg.cp_mode == "ring"
+        return batch.map_tokens(lambda x: shard_sequence(x, rank, cp, load_balance=balance))
 
     # -- the step ------------------------------------------------------------------------------
 
-    def forward_backward(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    def forward_backward(self, micro_batches: list[Batch]) -> float:
         """Accumulate gradients over `micro_batches`; return the global mean loss (all ranks)."""
+        micro_batches = [self._prepare(b) for b in micro_batches]
+        self._set_loss_scale(micro_batches)
         total = torch.zeros((), device=self.device)
-        for i, (inputs, labels) in enumerate(micro_batches):
-            inputs = self._shard_sequence(inputs.to(self.device))
-            labels = self._shard_sequence(labels.to(self.device))
+        for i, batch in enumerate(micro_batches):
             if self.schedule is not None:
-                total += self._pipeline_micro_batch(inputs, labels)
+                total += self._pipeline_micro_batch(batch)
                 continue
             last = i == len(micro_batches) - 1
             if self.dims.fsdp_enabled and self.pcfg.zero_stage == 1:
@@ -107,28 +128,41 @@ class StepRunner:
                 self.model.parts[0].set_requires_gradient_sync(last)
             with self._loss_ctx():
                 with self._autocast_ctx():
-                    logits = self.model.parts[0](inputs)
-                loss = self._loss(logits, labels)
+                    logits = self.model.parts[0](
+                        batch.input_ids,
+                        batch.position_ids,
+                        batch.document_ids,
+                        attention=batch.attention,
+                    )
+                loss = self._loss(logits, batch)
                 loss.backward()
             total += _value(loss.detach())
         if self.tied_sync is not None:
             self.tied_sync()
         return self._global_mean(total)
 
-    def _pipeline_micro_batch(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _pipeline_micro_batch(self, batch: Batch) -> torch.Tensor:
         losses: list[torch.Tensor] = []
-        args = (inputs,) if self.model.has_first_stage else ()
-        target = labels if self.model.has_last_stage else None
+        args = (batch.input_ids,) if self.model.has_first_stage else ()
+        # Every stage gets the token layout (split into pipeline micro-batches like the inputs).
+        kwargs = {"positions": batch.position_ids, "attention": batch.attention}
+        if batch.document_ids is not None:
+            kwargs["document_ids"] = batch.document_ids
+        rows = torch.arange(batch.rows, device=self.device)
+        target = rows if self.model.has_last_stage else None
+        self._pipeline_batch = batch
         with self._loss_ctx(), self._autocast_ctx():
-            self.schedule.step(*args, target=target, losses=losses)
+            self.schedule.step(*args, target=target, losses=losses, **kwargs)
+        self._pipeline_batch = None
         if not losses:
             return torch.zeros((), device=self.device)
         return torch.stack([_value(x.detach()) for x in losses]).sum()
 
     def _global_mean(self, local: torch.Tensor) -> float:
+        """The step's loss: the ranks holding it (last stage, first TP rank) add their shares."""
+        d = self.dims
         if not dist.is_initialized():
             return float(local)
-        d = self.dims
         counts = self.model.has_last_stage and d.coordinate("tp") == 0
         value = local.float() / (d.dp * d.cp) if counts else torch.zeros((), device=self.device)
         value = value.reshape(1).clone()
@@ -143,12 +177,9 @@ class StepRunner:
                 if p.grad is None:
                     continue
                 params.append(p)
-                # A tied head on a stage without the embedding is the same weight: count once.
-                if not (
-                    name == "lm_head.weight"
-                    and part.args.tie_embeddings
-                    and part.embed_tokens is None
-                ):
+                # A tied copy (a head on a stage without the embedding) is the same weight as
+                # its source: count it once (on one stage, named_parameters lists it once).
+                if canonical_name(name) not in self.tied:
                     counted.append(p.grad)
         norm = torch.nn.utils.get_total_norm(counted, 2.0, foreach=False) if counted else None
         if norm is None:

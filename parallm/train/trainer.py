@@ -22,9 +22,11 @@ import torch.distributed as dist
 from parallm.config import JobConfig, config_to_toml
 from parallm.distributed.parallel_dims import ParallelDims
 from parallm.errors import UserError
-from parallm.generate import SamplingOptions, generate
+from parallm.generate import generate
+from parallm.inference.sampling import SamplingParams
+from parallm.models.build import canonical_name
 from parallm.models.hf import load_pretrained, read_args, save_state_dict
-from parallm.models.llama.model import ModelArgs, canonical_name
+from parallm.models.registry import family, family_of_args
 from parallm.tokenizer import Tokenizer, save_tokenizer_dir, train_bpe_tokenizer
 from parallm.train import checkpoint as ckpt
 from parallm.train.data import PackedDataLoader, PackedDataset, find_files, iter_texts
@@ -32,6 +34,7 @@ from parallm.train.layout import RankModel, build_rank_model
 from parallm.train.metrics import MetricsLog, Progress, device_peak_flops, flops_per_token
 from parallm.train.optim import Optimizers, lr_at
 from parallm.train.step import StepRunner
+from parallm.train.tasks import make_task
 from parallm.utils.fs import write_json_atomic, write_text_atomic
 
 
@@ -57,28 +60,13 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def model_args_from_config(cfg: JobConfig, vocab_size: int) -> ModelArgs:
-    """A fresh model's shape from `[model]`, or the shape of the directory in `model.path`."""
+def model_args_from_config(cfg: JobConfig, vocab_size: int):
+    """A fresh model's args from `[model]` (its `architecture` names the family's model type),
+    or the args of the directory in `model.path`."""
     m = cfg.model
     if m.path is not None:
         return read_args(m.path)
-    n_kv = m.n_kv_heads or m.n_heads
-    return ModelArgs(
-        architecture=m.architecture,
-        vocab_size=m.vocab_size or vocab_size,
-        dim=m.dim,
-        n_layers=m.n_layers,
-        n_heads=m.n_heads,
-        n_kv_heads=n_kv,
-        head_dim=m.head_dim or m.dim // m.n_heads,
-        ffn_dim=m.ffn_dim,
-        norm_eps=m.norm_eps,
-        rope_theta=m.rope_theta,
-        max_seq_len=m.max_seq_len,
-        tie_embeddings=m.tie_embeddings,
-        qkv_bias=m.architecture == "qwen2",
-        qk_norm=m.architecture == "qwen3",
-    )
+    return family(m.architecture).args_from_config(m, vocab_size)
 
 
 def state_bytes(model: RankModel) -> dict[str, int]:
@@ -139,7 +127,8 @@ class Trainer:
             self.model.parts, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.eps
         )
         if d.random_tokens:
-            dataset = PackedDataset.random(d.random_tokens, args.vocab_size, seq_len=d.seq_len)
+            vocab = family_of_args(args).facts(args).vocab_size
+            dataset = PackedDataset.random(d.random_tokens, vocab, seq_len=d.seq_len)
         else:
             dataset = PackedDataset.from_files(
                 files,
@@ -150,6 +139,7 @@ class Trainer:
                 shuffle=d.shuffle,
                 cache_dir=d.cache_dir,
             )
+        self.task = make_task(cfg.task, tokenizer=self.tokenizer)
         self.data = PackedDataLoader(
             dataset,
             global_batch_size=t.batch_size,
@@ -157,10 +147,9 @@ class Trainer:
             dp_rank=self.dims.coordinate("dp"),
             dp_degree=self.dims.dp,
         )
-        n_accum = t.batch_size // self.dims.dp // t.micro_batch_size
         autocast = torch.bfloat16 if self._wants_bf16() and not fsdp_bf16 else None
         self.runner = StepRunner(
-            self.model, self.dims, p, device=self.device, n_accum=n_accum, autocast=autocast
+            self.model, self.dims, p, self.task, device=self.device, autocast=autocast
         )
         self._log_start(files, dataset)
         self.step = 0
@@ -181,18 +170,26 @@ class Trainer:
         dtype = self.cfg.train.dtype
         return dtype == "bfloat16" or (dtype == "auto" and self.device.type == "cuda")
 
-    def _validate(self, args: ModelArgs) -> None:
+    def _validate(self, args) -> None:
         """Every check that needs no communication, so a bad layout fails on every rank alike."""
         cfg, p = self.cfg, self.cfg.parallel
-        if self.tokenizer is not None and args.vocab_size < self.tokenizer.vocab_size:
+        facts = family_of_args(args).facts(args)
+        if self.tokenizer is not None and facts.vocab_size < self.tokenizer.vocab_size:
             raise UserError(
-                f"model.vocab_size: {args.vocab_size} is smaller than the tokenizer's "
+                f"model.vocab_size: {facts.vocab_size} is smaller than the tokenizer's "
                 f"vocabulary of {self.tokenizer.vocab_size}"
             )
-        if cfg.data.seq_len > args.max_seq_len:
+        if cfg.data.seq_len > facts.max_seq_len:
             raise UserError(
                 f"data.seq_len: {cfg.data.seq_len} exceeds the model's context of "
-                f"{args.max_seq_len} tokens (model.max_seq_len)"
+                f"{facts.max_seq_len} tokens (model.max_seq_len)"
+            )
+        if cfg.task.attention == "document" and (
+            self.tokenizer is None or self.tokenizer.eos_token_id is None
+        ):
+            raise UserError(
+                "task.attention: 'document' needs a tokenizer with an EOS token to find where "
+                "documents end"
             )
         from parallm.distributed.pipeline import stages_per_rank
 
@@ -251,10 +248,12 @@ class Trainer:
 
     def _log_start(self, files: list[Path], dataset: PackedDataset) -> None:
         cfg, args, d = self.cfg, self.args, self.dims
+        facts = family_of_args(args).facts(args)
         self.log(
-            f"model: {args.architecture}, {args.num_params() / 1e6:.2f}M parameters "
-            f"({args.num_params(embeddings=False) / 1e6:.2f}M without embeddings) on "
-            f"{self.world} x {self.device.type}"
+            f"model: {getattr(args, 'architecture', type(args).__name__)}, "
+            f"{facts.num_params / 1e6:.2f}M parameters "
+            f"({facts.num_params_no_embed / 1e6:.2f}M without embeddings) on "
+            f"{self.world} x {self.device.type}; task: {cfg.task.name}"
         )
         zero = f"; zero_stage={cfg.parallel.zero_stage}" if d.fsdp_enabled else ""
         self.log(
@@ -317,8 +316,8 @@ class Trainer:
         )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = self.data.next_batch()
-        loss = self.runner.forward_backward(micro_batches)
+        batch = self.task.batch(self.data.next_rows())
+        loss = self.runner.forward_backward(batch.split(t.micro_batch_size))
         grad_norm = self.runner.clip_grad_norm(t.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -410,7 +409,7 @@ class Trainer:
     def sample(self) -> str:
         """Generate a sample from `[generate]` settings with the exported weights (rank 0)."""
         g = self.cfg.generate
-        opts = SamplingOptions(
+        opts = SamplingParams(
             max_tokens=g.max_tokens,
             temperature=g.temperature,
             top_k=g.top_k,

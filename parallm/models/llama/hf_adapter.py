@@ -10,6 +10,7 @@ from typing import Any
 
 from parallm.errors import UserError
 from parallm.models.llama.model import ModelArgs
+from parallm.models.registry import model_type_of
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -29,20 +30,6 @@ def _require(cfg: dict, key: str, source: str) -> Any:
     if key not in cfg:
         raise UserError(f"{source}: missing required field '{key}'")
     return cfg[key]
-
-
-def architecture_of(cfg: dict, source: str) -> str:
-    """The parallm family name for a config dict, or a UserError listing what is supported."""
-    archs = cfg.get("architectures") or []
-    for arch in archs:
-        if arch in ARCHITECTURES:
-            return ARCHITECTURES[arch]
-    if not archs and cfg.get("model_type") in MODEL_TYPES:
-        return cfg["model_type"]
-    got = archs or cfg.get("model_type")
-    raise UserError(
-        f"{source}: unsupported architecture {got!r}; supported: {', '.join(ARCHITECTURES)}"
-    )
 
 
 def _rope(cfg: dict, source: str) -> tuple[float, dict | None]:
@@ -83,7 +70,7 @@ def _sliding_windows(cfg: dict, family: str, n_layers: int) -> list[int | None]:
 
 def args_from_hf(cfg: dict, source: str = "config.json") -> ModelArgs:
     """Build `ModelArgs` from a HF config dict; a UserError names any missing or bad field."""
-    family = architecture_of(cfg, source)
+    family = model_type_of(cfg, source)
     if cfg.get("hidden_act", "silu") != "silu":
         raise UserError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported; only 'silu'")
     dim = int(_require(cfg, "hidden_size", source))

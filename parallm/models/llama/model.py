@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from parallm.models.attention import AttentionBackend, AttentionInputs, AttentionSpec, SDPAAttention
 
 
 @dataclass(kw_only=True)
@@ -67,108 +67,6 @@ class ModelArgs:
         if embeddings:
             total += self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
         return total
-
-
-# ---------------------------------------------------------------------------------------------
-# Attention backends
-
-
-class AttentionBackend(Protocol):
-    """Computes attention for one layer from rotated q, k and v.
-
-    q: (B, T, Hq, D); k, v: (B, T, Hkv, D); positions: (B, T) absolute positions of the T tokens.
-    Returns (B, T, Hq, D). A backend may keep state (a KV cache) keyed by `layer_idx`.
-    """
-
-    def __call__(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        layer_idx: int,
-        positions: torch.Tensor,
-        sliding_window: int | None,
-    ) -> torch.Tensor: ...
-
-
-def attention_mask(
-    q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None
-) -> torch.Tensor:
-    """Boolean mask (B, 1, Tq, Tk), True where a query may attend a key: causal, windowed.
-
-    Mistral's window of W lets a query at position p see keys p-W < j <= p, as in `transformers`.
-    """
-    diff = q_pos[:, :, None] - k_pos[:, None, :]  # (B, Tq, Tk)
-    mask = diff >= 0
-    if sliding_window is not None:
-        mask &= diff < sliding_window
-    return mask[:, None]
-
-
-def sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
-) -> torch.Tensor:
-    """SDPA on (B, T, H, D) layouts with grouped-query heads; `mask=None` means causal."""
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-    gqa = q.shape[1] != k.shape[1]
-    if mask is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-    return out.transpose(1, 2)
-
-
-class CausalAttention:
-    """Training / full-sequence backend: causal SDPA over the tokens given, no cache.
-
-    Positions are assumed to be 0..T-1 per row (packed pre-training sequences), so full-attention
-    layers use the fused causal kernel and only sliding-window layers build an explicit mask.
-    """
-
-    def __call__(self, q, k, v, *, layer_idx, positions, sliding_window):
-        if sliding_window is None or sliding_window >= q.shape[1]:
-            return sdpa(q, k, v, None)
-        return sdpa(q, k, v, attention_mask(positions, positions, sliding_window))
-
-
-class KVCache:
-    """Contiguous per-layer KV cache for the simple generation path (one sequence per row).
-
-    All rows advance together: a call with T new tokens writes cache slots [len, len + T).
-    """
-
-    def __init__(self, args: ModelArgs, batch: int, max_len: int, *, dtype, device) -> None:
-        shape = (batch, max_len, args.n_kv_heads, args.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
-        self.max_len = max_len
-        self.length = 0  # tokens cached so far (the same for every layer after a full forward)
-
-    def __call__(self, q, k, v, *, layer_idx, positions, sliding_window):
-        start, end = positions[0, 0].item(), positions[0, -1].item() + 1
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} tokens; position {end - 1} is past it")
-        self.k[layer_idx][:, start:end] = k
-        self.v[layer_idx][:, start:end] = v
-        self.length = end
-        k_all, v_all = self.k[layer_idx][:, :end], self.v[layer_idx][:, :end]
-        k_pos = torch.arange(end, device=q.device).expand(q.shape[0], end)
-        if start == 0 and sliding_window is None:
-            return sdpa(q, k_all, v_all, None)
-        return sdpa(q, k_all, v_all, attention_mask(positions, k_pos, sliding_window))
-
-
-def canonical_name(name: str) -> str:
-    """A parameter's name without wrapper prefixes (activation checkpointing, compile)."""
-    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
-
-
-def value_source(name: str, args: ModelArgs) -> str:
-    """The parameter whose value `name` holds: its canonical name, except that a tied
-    `lm_head.weight` on a stage without the embedding (a last pipeline stage) is the embedding."""
-    name = canonical_name(name)
-    return "embed_tokens.weight" if args.tie_embeddings and name == "lm_head.weight" else name
 
 
 def initial_value(name: str, shape: tuple[int, ...], args: ModelArgs, seed: int) -> torch.Tensor:
@@ -257,7 +155,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
 
-    def forward(self, x, cos, sin, positions, backend: AttentionBackend) -> torch.Tensor:
+    def forward(self, x, cos, sin, attn: AttentionInputs, backend: AttentionBackend):
         b, t, _ = x.shape
         # Head counts come from the projections so a tensor-parallel shard sees its local heads.
         q = self.q_proj(x).view(b, t, -1, self.head_dim)  # (B, T, Hq, D)
@@ -266,14 +164,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = backend(
-            q,
-            k,
-            v,
-            layer_idx=self.layer_idx,
-            positions=positions,
-            sliding_window=self.sliding_window,
-        )
+        out = backend(q, k, v, layer_idx=self.layer_idx, attn=attn.for_layer(self.sliding_window))
         return self.o_proj(out.reshape(b, t, -1))
 
 
@@ -298,8 +189,8 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = FeedForward(args)
 
-    def forward(self, x, cos, sin, positions, backend: AttentionBackend) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, backend)
+    def forward(self, x, cos, sin, attn: AttentionInputs, backend: AttentionBackend):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, backend)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -323,55 +214,41 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         # Not persistent: recomputed from args, never part of a checkpoint.
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
-        self.default_backend: AttentionBackend = CausalAttention()
-        # Positions of the T tokens a forward without `positions` sees; context parallelism
-        # sets this so pipeline stages, which receive only hidden states, know them too.
-        self.position_fn: Callable[[int, torch.device], torch.Tensor] | None = None
+        # The backend a forward without `backend=` uses; context parallelism sets its own.
+        self.default_backend: AttentionBackend = SDPAAttention()
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """Recompute non-persistent buffers, e.g. after building on `meta` and `to_empty`."""
         device = device if device is not None else self.inv_freq.device
         self.inv_freq = rope_inv_freq(self.args, device=device)
 
-    @torch.no_grad()
-    def init_weights(self, seed: int = 0, *, fill: Callable | None = None) -> None:
-        """Random initialisation for training from scratch, like HF: N(0, initializer_range)
-        for matrices, ones for norms, zeros for biases.
-
-        Each parameter's full value depends only on `seed` and its name, so a pipeline stage or
-        a sharded copy gets exactly the values of the whole model: `fill(param, full)` copies
-        the full value (float32, CPU) into `param`; a sharded layout passes a `fill` that keeps
-        only the local shard, so only one full parameter exists at a time.
-        """
-        fill = fill or (lambda param, full: param.copy_(full))
-        for name, param in self.named_parameters():
-            name = value_source(name, self.args)
-            fill(param, initial_value(name, tuple(param.shape), self.args, seed))
-
     def forward(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
         *,
+        attention: AttentionSpec | None = None,
         backend: AttentionBackend | None = None,
         logit_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) token ids, or hidden states (B, T, dim) on a stage without embeddings.
 
-        positions (B, T) default to 0..T-1, or to `position_fn(T)` when set (context parallelism).
-        Returns logits (B, T, vocab), or hidden states on a stage without `lm_head`.
-        `logit_rows` (R,) keeps only those token indices before the output head, (B, R, vocab):
-        the serving engine needs the logits of one token per sequence, not of every prompt token.
+        positions (B, T) default to 0..T-1; document_ids (B, T) mark packed documents for
+        `attention` (default: causal) with `documents=True`. Returns logits (B, T, vocab), or
+        hidden states on a stage without `lm_head`. `logit_rows` (R,) keeps only those token
+        indices before the output head, (B, R, vocab): the serving engine needs the logits of
+        one token per sequence, not of every prompt token.
         """
         h = self.embed_tokens(input_ids) if self.embed_tokens is not None else input_ids
         b, t = h.shape[:2]
         if positions is None:
-            fn = self.position_fn or (lambda n, device: torch.arange(n, device=device))
-            positions = fn(t, h.device).expand(b, t)
+            positions = torch.arange(t, device=h.device).expand(b, t)
         cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)
+        attn = AttentionInputs(positions, attention or AttentionSpec(), document_ids)
         backend = backend if backend is not None else self.default_backend
         for layer in self.layers.values():
-            h = layer(h, cos, sin, positions, backend)
+            h = layer(h, cos, sin, attn, backend)
         if logit_rows is not None:
             h = h[:, logit_rows]
         if self.norm is not None:

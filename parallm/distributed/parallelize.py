@@ -1,0 +1,187 @@
+"""Apply parallelism to a model of any family (or a pipeline stage of one), in place.
+
+The order is fixed and matters: tensor parallel (from the family's `ParallelPlan`), then (context
+parallel is an attention backend chosen by the trainer), then activation checkpointing, then
+`torch.compile` per block, then FSDP. Each step is a function of the model and the plan.
+
+Tensor parallelism runs with sequence parallelism: activations between blocks are sharded over
+the tokens (the plan's SEQUENCE modules normalise their slice), gathered before the modules in
+`gather_inputs` (attention, MLP), which run column- then row-parallel and reduce-scatter back to
+token shards. The vocabulary-parallel head leaves its logits sharded for a loss computed under
+`loss_parallel()`, so full logits are never gathered in training.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    PrepareModuleInputOutput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from parallm.config import AC_MODES
+from parallm.models.plan import TP, ParallelPlan
+from parallm.models.registry import family_of_model
+
+
+def _style(tp: TP, *, loss_parallel: bool) -> ParallelStyle:
+    """The DTensor style of a plan entry, with sequence-sharded activations around it."""
+    if tp is TP.COLWISE:
+        return ColwiseParallel()
+    if tp is TP.ROWWISE:
+        return RowwiseParallel(output_layouts=Shard(1), use_local_output=False)
+    if tp is TP.VOCAB_EMBED:
+        return RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False
+        )
+    if tp is TP.VOCAB_HEAD:
+        return ColwiseParallel(
+            input_layouts=Shard(1),
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel,
+        )
+    if tp is TP.SEQUENCE:
+        return SequenceParallel()
+    # HEAD_LOCAL: (B, T, H_local, D): heads are sharded over tp; the replicated weight's
+    # gradient is summed over the head shards by DTensor.
+    return SequenceParallel(sequence_dim=2, use_local_output=True)
+
+
+def _present(module: nn.Module, names) -> list[str]:
+    out = []
+    for name in names:
+        try:
+            if module.get_submodule(name) is not None:
+                out.append(name)
+        except AttributeError:  # cut by the pipeline (None) or absent in this configuration
+            pass
+    return out
+
+
+def _has_params(model: nn.Module, *names: str) -> bool:
+    try:
+        return all(model.get_parameter(n) is not None for n in names)
+    except AttributeError:
+        return False
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, loss_parallel: bool = True) -> None:
+    """Shard `model` over `tp_mesh` by its family's plan, with sequence parallelism.
+
+    With `loss_parallel`, the logits come out as a DTensor sharded over the vocabulary; compute
+    the cross entropy inside `torch.distributed.tensor.parallel.loss_parallel()`. Otherwise
+    they are gathered to a plain tensor.
+    """
+    spec = family_of_model(model)
+    plan = spec.plan
+    tied = [(n, s) for n, s in spec.tied(model.args).items() if _has_params(model, n, s)]
+    # Activations between modules stay DTensors with the global (B, T, dim) shape, so the model
+    # computes positions and RoPE for all T tokens; only stage boundaries hold local shards.
+    top = {n: _style(plan.top[n], loss_parallel=loss_parallel) for n in _present(model, plan.top)}
+    parallelize_module(model, tp_mesh, top)
+    _prepare_stage_boundaries(model, plan, tp_mesh)
+    for name, source in tied:  # both halves shard alike, so one parameter still serves
+        module, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(module), leaf, model.get_parameter(source))
+
+    for block in getattr(model, plan.layers).values():
+        styles: dict[str, ParallelStyle] = {}
+        for name, arity in plan.gather_inputs.items():
+            rest = (None,) * (arity - 1)
+            styles[name] = PrepareModuleInput(
+                input_layouts=(Shard(1), *rest), desired_input_layouts=(Replicate(), *rest)
+            )
+        for name in _present(block, plan.block):
+            styles[name] = _style(plan.block[name], loss_parallel=loss_parallel)
+        parallelize_module(block, tp_mesh, styles)
+
+
+def _prepare_stage_boundaries(model: nn.Module, plan: ParallelPlan, tp_mesh: DeviceMesh) -> None:
+    """A pipeline stage sends and receives plain tensors: its sequence shard (B, T / tp, dim).
+    Wrap a stage's hidden-state input as a sequence-sharded DTensor, and unwrap its output."""
+    first = len(_present(model, plan.first_stage)) == len(plan.first_stage)
+    last = len(_present(model, plan.last_stage)) == len(plan.last_stage)
+    wrap_in = {"input_layouts": (Shard(1),), "desired_input_layouts": (Shard(1),)}
+    unwrap_out = {"output_layouts": (Shard(1),), "desired_output_layouts": (Shard(1),)}
+    if first and last:
+        return
+    if first:
+        style = PrepareModuleOutput(**unwrap_out, use_local_output=True)
+    elif last:
+        style = PrepareModuleInput(**wrap_in, use_local_output=False)
+    else:
+        style = PrepareModuleInputOutput(**wrap_in, **unwrap_out, use_local_output=True)
+    parallelize_module(model, tp_mesh, style)
+
+
+def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Keep matmul outputs (expensive to recompute), recompute the cheap element-wise rest."""
+    save = op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+    return CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_ac(model: nn.Module, mode: str) -> None:
+    """Activation checkpointing per block: `full` recomputes each block in the backward pass,
+    `selective` saves matmul outputs and recomputes the rest."""
+    assert mode in AC_MODES, mode
+    if mode == "none":
+        return
+    layers = getattr(model, family_of_model(model).plan.layers)
+    for name, block in list(layers.items()):
+        if mode == "full":
+            wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
+        else:
+            wrapped = checkpoint_wrapper(
+                block,
+                preserve_rng_state=False,
+                context_fn=partial(create_selective_checkpoint_contexts, _selective_policy),
+            )
+        layers[name] = wrapped
+
+
+def apply_compile(model: nn.Module) -> None:
+    """`torch.compile` each block in place (parameter names are unchanged)."""
+    for block in getattr(model, family_of_model(model).plan.layers).values():
+        block.compile(fullgraph=False)
+
+
+def apply_fsdp(
+    model: nn.Module,
+    dp_mesh: DeviceMesh,
+    *,
+    zero_stage: int = 3,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = None,
+    cpu_offload: bool = False,
+) -> None:
+    """FSDP2 over `dp_mesh` (1-D: shard; 2-D (replicate, shard): hybrid), per block then root.
+
+    ZeRO stages map onto FSDP2 as: 3 reshards parameters after forward (gathered again for
+    backward); 2 keeps them gathered from forward to backward; 1 additionally keeps full
+    gradients across accumulation micro-batches and reduce-scatters once per step (the trainer
+    turns gradient sync off for all but the last micro-batch). Optimizer state is always sharded.
+    """
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    kwargs: dict[str, object] = {"mesh": dp_mesh, "mp_policy": mp}
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    reshard = zero_stage == 3
+    for block in getattr(model, family_of_model(model).plan.layers).values():
+        fully_shard(block, reshard_after_forward=reshard, **kwargs)
+    # The root holds the embeddings, final norm and head (whichever this stage has); it is
+    # resharded at the end of backward regardless, so there is nothing to gain by keeping it.
+    fully_shard(model, reshard_after_forward=False, **kwargs)

@@ -1,0 +1,49 @@
+"""`EngineConfig`: how the serving engine sizes its KV cache and batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from parallm.errors import UserError
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    """How the engine sizes its cache and batches. `kv_cache_memory`: bytes for the KV cache
+    (an int), or on a GPU a fraction (0, 1] of the memory free after loading the model, less
+    the measured peak of the largest step (default on a GPU: 0.8); with tensor parallelism it
+    is per rank, each rank caching its share of the KV heads.
+    `tensor_parallel_size`: processes (GPUs: cuda:0..N-1) the model is sharded over."""
+
+    max_model_len: int | None = None  # default: the model's context
+    kv_cache_memory: int | float | None = None
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    dtype: str | None = None
+    device: str | None = None
+    tensor_parallel_size: int = 1
+    # portable (padded SDPA, any device) | flex (flex attention over the pool) | auto: flex on
+    # CUDA, portable on CPU (where flex pays a compile per new step shape)
+    attention_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        from parallm.inference.flex_attention import BACKENDS
+
+        if self.attention_backend not in BACKENDS:
+            raise UserError(
+                f"attention_backend: {self.attention_backend!r} is not valid; "
+                f"valid: {', '.join(BACKENDS)}"
+            )
+        for name in (
+            "block_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "tensor_parallel_size",
+        ):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name}: {getattr(self, name)} is not valid; must be >= 1")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise UserError(f"kv_cache_memory: {self.kv_cache_memory} is not valid; must be > 0")

@@ -1,0 +1,87 @@
+"""Building a rank's model runner, and the loop of the tensor-parallel ranks above 0.
+
+The driver (`LLMEngine`, rank 0) and the workers both `build_runner`: load the model (whole, or
+this rank's shard by the family's parallel plan) and size the KV cache alike. A worker then
+`follow`s: it runs each step rank 0 broadcasts until rank 0 stops the group. Spawned workers
+enter through `run_worker`; the ranks > 0 of a torchrun launch through `serve_rank`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from parallm.distributed.parallel_dims import ParallelDims
+from parallm.errors import UserError
+from parallm.inference.config import EngineConfig
+from parallm.inference.kv_budget import kv_cache_blocks
+from parallm.inference.model_runner import ModelRunner
+from parallm.inference.tp import TPGroup
+from parallm.inference.tp_model import load_sharded
+from parallm.models.hf import load_pretrained, read_args
+
+
+def check_tensor_parallel(model_dir: str | Path, config: EngineConfig) -> str:
+    """Check `tensor_parallel_size` against the model and the machine (before any process
+    starts); the device type."""
+    size = config.tensor_parallel_size
+    args = read_args(model_dir)
+    try:  # seq_len: a step's token count varies and is never split over the ranks in serving
+        ParallelDims(tp=size, dp_shard=1, world_size=size).validate_model(
+            args, seq_len=size, cp_mode="ring", n_stages=1
+        )
+    except UserError as e:  # "parallel.tp: 3 must divide ..." names the training field
+        raise UserError(f"tensor_parallel_size: {str(e).split(': ', 1)[1]}") from None
+    device_type = torch.device(config.device or "cpu").type
+    if device_type == "cuda" and size > torch.cuda.device_count():
+        raise UserError(
+            f"tensor_parallel_size: {size} needs {size} GPUs; {torch.cuda.device_count()} visible"
+        )
+    return device_type
+
+
+def build_runner(
+    model_dir: str | Path, config: EngineConfig, max_model_len: int, tp: TPGroup | None
+) -> ModelRunner:
+    """Load this rank's model (whole, or its tensor-parallel shard) and size its KV cache."""
+    if tp is None:
+        model = load_pretrained(model_dir, dtype=config.dtype, device=config.device).eval()
+    else:
+        model = load_sharded(model_dir, tp, config.dtype)
+    budget, blocks = kv_cache_blocks(model, config, max_model_len, tp.size if tp else 1)
+    if tp is not None:  # free GPU memory may differ per rank; the block tables are shared
+        blocks = tp.agree_min(blocks)
+    if blocks < 1:
+        raise UserError(
+            f"kv_cache_memory: {budget} bytes hold no KV block of {config.block_size} tokens"
+        )
+    return ModelRunner(
+        model,
+        num_blocks=blocks,
+        block_size=config.block_size,
+        tp=tp,
+        attention_backend=config.attention_backend,
+    )
+
+
+def run_worker(
+    tp: TPGroup, model_dir: str | Path, config: EngineConfig, max_model_len: int
+) -> None:
+    """A tensor-parallel worker: load the shard, then run rank 0's steps until it stops."""
+    build_runner(model_dir, config, max_model_len, tp).follow()
+
+
+def serve_rank(model_dir: str | Path, config: EngineConfig) -> None:
+    """On a rank > 0 of an initialized process group (torchrun): join rank 0's engine and run
+    its steps until rank 0 closes it."""
+    from parallm.inference.engine import max_model_len_for
+
+    device_type = check_tensor_parallel(model_dir, config)
+    max_model_len = max_model_len_for(model_dir, config)
+    tp = TPGroup.start(config.tensor_parallel_size, device_type, run_worker, ())
+    assert tp.rank != 0, "rank 0 is the driver: build an LLMEngine there"
+    try:
+        run_worker(tp, model_dir, config, max_model_len)
+    finally:
+        tp.close()

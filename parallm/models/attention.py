@@ -1,0 +1,180 @@
+"""What a token may attend to, and the backend interface every family's attention goes through.
+
+`AttentionSpec` is the description a batch (training) or a step (serving) carries: causal,
+bidirectional (`full`), per-document (packed sequences: no query sees another document) and a
+sliding window; a layer with its own window (Mistral, Qwen sliding layers) narrows it with
+`for_layer`. `AttentionInputs` is that description plus the tensors it needs for one forward:
+the tokens' positions and, for packed documents, their document ids. Backends (training SDPA,
+KV-cache generation, the serving engine's paged attention, context-parallel Ulysses and ring)
+take `AttentionInputs` and must honour it; `mask` is the one definition of the rule they share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from parallm.errors import UserError
+
+ATTENTION_KINDS = ("causal", "full", "document", "sliding")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionSpec:
+    """The attention rule. `causal`: a query sees keys at positions <= its own. `window` W: keys
+    p - W < j <= p (as `transformers` defines Mistral's). `documents`: a query sees only keys of
+    its own document (ids in `AttentionInputs.document_ids`)."""
+
+    causal: bool = True
+    window: int | None = None
+    documents: bool = False
+
+    def __post_init__(self) -> None:
+        if self.window is not None and self.window < 1:
+            raise UserError(f"attention window: {self.window} is not valid; must be >= 1")
+
+    @classmethod
+    def of_kind(cls, kind: str, window: int | None = None) -> AttentionSpec:
+        """One of ATTENTION_KINDS: causal, full (bidirectional), document (per-document causal)
+        or sliding (causal within `window`)."""
+        if kind not in ATTENTION_KINDS:
+            raise UserError(
+                f"attention: {kind!r} is not valid; valid: {', '.join(ATTENTION_KINDS)}"
+            )
+        if kind == "sliding" and window is None:
+            raise UserError("attention: 'sliding' needs a window")
+        return cls(causal=kind != "full", documents=kind == "document", window=window)
+
+    def for_layer(self, window: int | None) -> AttentionSpec:
+        """This rule within a layer's own sliding window (the narrower one wins)."""
+        if window is None or (self.window is not None and self.window <= window):
+            return self
+        return dataclasses.replace(self, window=window)
+
+
+@dataclass(eq=False)
+class AttentionInputs:
+    """One forward's attention inputs, shared by every layer.
+
+    positions (B, T): the tokens' positions (restarting per document in packed rows);
+    document_ids (B, T) or None: which document of its row each token belongs to.
+    """
+
+    positions: torch.Tensor
+    spec: AttentionSpec = field(default_factory=AttentionSpec)
+    document_ids: torch.Tensor | None = None
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.spec.documents and self.document_ids is None:
+            raise UserError("attention: per-document attention needs document ids for the tokens")
+        if not self.spec.documents:
+            self.document_ids = None
+
+    def for_layer(self, window: int | None) -> AttentionInputs:
+        spec = self.spec.for_layer(window)
+        if spec is self.spec:
+            return self
+        return AttentionInputs(self.positions, spec, self.document_ids, self._masks)
+
+    def is_causal_in_order(self, length: int) -> bool:
+        """True when the fused causal kernel computes exactly this rule for `length` keys: causal,
+        no window that bites, one document, and positions 0..T-1 in order (callers know that)."""
+        s = self.spec
+        return s.causal and not s.documents and (s.window is None or s.window >= length)
+
+    def mask(
+        self,
+        k_positions: torch.Tensor | None = None,
+        k_document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Boolean mask (B, 1, Tq, Tk), True where a query may attend a key. Keys default to the
+        queries themselves (then the mask is computed once per rule and reused by every layer)."""
+        if k_positions is None:
+            key = (self.spec.causal, self.spec.window)
+            if key not in self._masks:
+                self._masks[key] = attention_mask(
+                    self.positions, self.positions, self.spec, self.document_ids, self.document_ids
+                )
+            return self._masks[key]
+        return attention_mask(
+            self.positions, k_positions, self.spec, self.document_ids, k_document_ids
+        )
+
+
+def attention_mask(
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    spec: AttentionSpec,
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Boolean mask (B, 1, Tq, Tk) from positions (B, Tq), (B, Tk) and optional document ids."""
+    diff = q_pos[:, :, None] - k_pos[:, None, :]  # (B, Tq, Tk)
+    mask = diff >= 0 if spec.causal else torch.ones_like(diff, dtype=torch.bool)
+    if spec.window is not None:
+        mask &= diff < spec.window
+        if not spec.causal:
+            mask &= diff > -spec.window
+    if spec.documents and q_doc is not None and k_doc is not None:
+        mask &= q_doc[:, :, None] == k_doc[:, None, :]
+    return mask[:, None]
+
+
+class AttentionBackend(Protocol):
+    """Computes attention for one layer from rotated q, k and v.
+
+    q: (B, T, Hq, D); k, v: (B, T, Hkv, D); `attn` describes the T tokens (already narrowed to
+    the layer's window). Returns (B, T, Hq, D). A backend may keep state (a KV cache) keyed by
+    `layer_idx`.
+    """
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        layer_idx: int,
+        attn: AttentionInputs,
+    ) -> torch.Tensor: ...
+
+
+def sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    causal: bool = True,
+) -> torch.Tensor:
+    """SDPA on (B, T, H, D) layouts with grouped-query heads; `mask=None` means the plain causal
+    (or, with `causal=False`, full) rule."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
+class SDPAAttention:
+    """Training / full-sequence backend: SDPA over the tokens given, no cache.
+
+    Rows are whole sequences whose positions run 0..T-1 unless documents restart them, so the
+    plain causal and full rules use the fused kernels; windows and documents build a mask.
+    """
+
+    def __call__(self, q, k, v, *, layer_idx, attn: AttentionInputs):
+        t = q.shape[1]
+        if attn.is_causal_in_order(t):
+            return sdpa(q, k, v, None)
+        s = attn.spec
+        if not s.causal and not s.documents and (s.window is None or s.window >= t):
+            return sdpa(q, k, v, None, causal=False)
+        return sdpa(q, k, v, attn.mask())

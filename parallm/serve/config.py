@@ -1,0 +1,107 @@
+"""`ServerConfig`: every option of `parallm serve`, typed and validated.
+
+Importing this module needs none of the server extra's packages, so the command line takes its
+defaults from here on any install.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from parallm.errors import UserError
+
+if TYPE_CHECKING:
+    from parallm.inference.config import EngineConfig
+
+DEFAULT_KEYS_DB = "~/.parallm/keys.db"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """The options of `parallm serve`, one field each (`max_waiting` is `--max-waiting`); an
+    invalid value is a UserError naming the option, the value and what is valid.
+
+    `kv_cache_memory`: bytes, or on a GPU a fraction (0, 1] of the memory free after loading.
+    `db`: the key store, a SQLite path or a SQLAlchemy URL (unused with `no_auth`).
+    `ui`: also serve the chat page at /ui (needs the `ui` extra)."""
+
+    model: str  # model directory (HF format)
+    served_model_name: str | None = None  # the name in the API; default: `model`
+    host: str = "127.0.0.1"
+    port: int = 8000
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None  # default: the model's context
+    kv_cache_memory: int | float | None = None
+    max_num_seqs: int = 256  # sequences per engine step
+    max_num_batched_tokens: int = 2048  # tokens per engine step
+    max_waiting: int = 1024  # queued requests before a 429
+    max_body_bytes: int = 8 << 20  # request body limit (413 beyond)
+    no_prefix_caching: bool = False
+    dtype: str | None = None  # float32 | bfloat16 | float16; default: the model's
+    device: str | None = None  # cpu | cuda
+    attention_backend: str = "auto"  # auto | portable | flex
+    db: str = DEFAULT_KEYS_DB
+    no_auth: bool = False  # accept requests without a key (local use)
+    ui: bool = False
+    log_level: str = "warning"  # uvicorn's
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise UserError("--model: '' is not valid; give a model directory")
+        if self.served_model_name == "":
+            raise UserError("--served-model-name: '' is not valid; give a name or leave it out")
+        _check_range("port", self.port, 0, 65535)
+        for name in (
+            "tensor_parallel_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "max_waiting",
+            "max_body_bytes",
+        ):
+            _check_range(name, getattr(self, name), 1)
+        if self.max_model_len is not None:
+            _check_range("max_model_len", self.max_model_len, 1)
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise UserError(
+                f"--kv-cache-memory: {self.kv_cache_memory} is not valid; must be > 0 "
+                "(bytes, or a fraction <= 1 of GPU memory)"
+            )
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise UserError(
+                f"--log-level: {self.log_level!r} is not valid; valid: {', '.join(LOG_LEVELS)}"
+            )
+
+    @property
+    def model_name(self) -> str:
+        """The model's name in the API."""
+        return self.served_model_name or self.model
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's part of the options (validated by `EngineConfig` too)."""
+        from parallm.inference.config import EngineConfig
+
+        kv = self.kv_cache_memory
+        if kv is not None and kv > 1:
+            kv = int(kv)  # bytes; a fraction is <= 1
+        return EngineConfig(
+            max_model_len=self.max_model_len,
+            kv_cache_memory=kv,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            enable_prefix_caching=not self.no_prefix_caching,
+            dtype=self.dtype,
+            device=self.device,
+            tensor_parallel_size=self.tensor_parallel_size,
+            attention_backend=self.attention_backend,
+        )
+
+
+def _check_range(name: str, value: int, low: int, high: int | None = None) -> None:
+    valid = f"in [{low}, {high}]" if high is not None else f">= {low}"
+    option = f"--{name.replace('_', '-')}"
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UserError(f"{option}: {value!r} is not valid; must be an integer {valid}")
+    if value < low or (high is not None and value > high):
+        raise UserError(f"{option}: {value} is not valid; must be {valid}")

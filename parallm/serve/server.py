@@ -1,0 +1,68 @@
+"""`parallm serve`: check the options and the port, load the model, run the app under uvicorn."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import uvicorn
+
+from parallm.errors import UserError
+from parallm.extras import import_extra
+from parallm.inference.engine import LLMEngine
+from parallm.serve.app import ServerState, build_app
+from parallm.serve.async_engine import AsyncEngine
+from parallm.serve.config import ServerConfig
+from parallm.serve.keystore import KeyStore
+
+
+def serve(config: ServerConfig) -> int:
+    """Load the model (errors exit 2 before the port is bound), then run uvicorn until stopped;
+    1 when the engine failed while serving."""
+    engine_config = config.engine_config()
+    if config.ui:
+        import_extra("parallm.serve.ui", command="serve --ui", extra="ui")
+    _check_port_free(config.host, config.port)  # before minutes of loading, not after
+    keystore = None if config.no_auth else KeyStore(config.db)
+    # One process: with tensor_parallel_size N it spawns the N - 1 workers itself.
+    engine = LLMEngine(config.model, engine_config)
+    state = ServerState(
+        engine=AsyncEngine(engine, max_waiting=config.max_waiting),
+        model_name=config.model_name,
+        keystore=keystore,
+        max_body_bytes=config.max_body_bytes,
+    )
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    own = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    app = build_app(state, ui_server_url=f"http://{own}:{config.port}" if config.ui else None)
+    print(
+        f"parallm serve: {state.model_name} on http://{config.host}:{config.port}"
+        + (" (no auth)" if keystore is None else ""),
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        timeout_graceful_shutdown=5,
+    )
+    if keystore is not None:
+        keystore.close()
+    return 1 if state.engine.error else 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise UserError(f"--host: {host!r} does not resolve ({e.strerror})") from e
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as e:
+            raise UserError(f"--port: {port} on {host} cannot be used ({e.strerror})") from e

@@ -1,0 +1,50 @@
+"""`ServerState`: what the endpoints of one server share."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from parallm.inference.engine import LLMEngine
+from parallm.serve.async_engine import AsyncEngine
+from parallm.serve.keystore import KeyStore
+from parallm.serve.metrics import Metrics
+from parallm.serve.ratelimit import RateLimiter
+
+
+@dataclass
+class ServerState:
+    """What the endpoints share: the engine, the served name, the key store (None: no keys
+    asked), the body limit, the per-key rate limiter and the metrics."""
+
+    engine: AsyncEngine
+    model_name: str
+    keystore: KeyStore | None  # None: --no-auth
+    max_body_bytes: int
+    limiter: RateLimiter = field(default_factory=RateLimiter)
+    created: int = field(default_factory=lambda: int(time.time()))
+    metrics: Metrics = field(init=False)
+    _background: set[asyncio.Future] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self.model_name)
+
+    @property
+    def llm(self) -> LLMEngine:
+        return self.engine.engine
+
+    def in_background(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Run a blocking call (the key store) in a thread without awaiting it: also from a
+        `finally` of a cancelled stream, where awaiting is not possible."""
+        future = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+        self._background.add(future)
+        future.add_done_callback(self._done)
+
+    def _done(self, future: asyncio.Future) -> None:
+        self._background.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            print(f"parallm serve: recording usage failed: {future.exception()}", file=sys.stderr)

@@ -1,0 +1,137 @@
+"""Training objectives as plug-ins: a typed `Batch` and a `Task` that makes batches from the
+data and scores the model's output. One file per objective in this package; a task registers
+itself by name with `@register_task` and is chosen by `[task] name`.
+
+The step (`train/step.py`) owns everything about layouts: it splits a batch into micro-batches,
+shards token tensors over context-parallel ranks, runs plain or pipelined forwards, and
+normalises the loss by the *global* number of counted units (`Task.count`: tokens with a label,
+pairs, sequences, ...), summed over data- and context-parallel ranks and every micro-batch
+before the step. So a task only says what one unit's loss is, and every layout computes the
+single-process loss, whatever each rank holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from parallm.errors import UserError
+from parallm.models.attention import AttentionSpec
+
+IGNORE_INDEX = -100  # a label that is not counted (prompt tokens, padding), as in PyTorch / HF
+
+
+@dataclass
+class Batch:
+    """Rows of tokens and what the loss needs of them.
+
+    Token tensors are (B, T): `input_ids`; `labels` (IGNORE_INDEX where not counted);
+    `position_ids` (None: 0..T-1 per row); `document_ids` (packed documents, used when
+    `attention.documents`). `attention` is the rule the model attends by. `extras` holds
+    per-row tensors (B, ...) a task adds: a reference model's log-probabilities, preference
+    pair indices; they follow rows through micro-batches, never sequence sharding.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor | None = None
+    document_ids: torch.Tensor | None = None
+    attention: AttentionSpec = field(default_factory=AttentionSpec)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    TOKEN_FIELDS = ("input_ids", "labels", "position_ids", "document_ids")
+
+    @property
+    def rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """(B, T) True where a label is counted."""
+        return self.labels != IGNORE_INDEX
+
+    def positions(self) -> torch.Tensor:
+        """(B, T) positions: `position_ids`, or 0..T-1 in every row."""
+        if self.position_ids is not None:
+            return self.position_ids
+        b, t = self.input_ids.shape
+        return torch.arange(t, device=self.input_ids.device).expand(b, t)
+
+    def map_tokens(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        """A batch with `fn` applied to every (B, T) token tensor (e.g. a sequence shard)."""
+        changed = {
+            name: fn(getattr(self, name))
+            for name in self.TOKEN_FIELDS
+            if getattr(self, name) is not None
+        }
+        return dataclasses.replace(self, **changed)
+
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        """A batch with `fn` applied along the rows of every tensor (token tensors and extras)."""
+        out = self.map_tokens(fn)
+        return dataclasses.replace(out, extras={k: fn(v) for k, v in self.extras.items()})
+
+    def to(self, device: torch.device) -> Batch:
+        return self.map_rows(lambda t: t.to(device))
+
+    def select(self, rows: torch.Tensor) -> Batch:
+        """The rows `rows` (a (R,) index tensor)."""
+        return self.map_rows(lambda t: t.index_select(0, rows.to(t.device)))
+
+    def split(self, rows_per_part: int) -> list[Batch]:
+        """Consecutive parts of `rows_per_part` rows (micro-batches)."""
+        idx = torch.arange(self.rows)
+        return [self.select(part) for part in idx.split(rows_per_part)]
+
+
+class Task(ABC):
+    """An objective: batches from the loader's rows, and the summed loss of the counted units.
+
+    `count(batch)` is the number of units `loss_sum` adds up (a scalar tensor); the step divides
+    the summed loss by the global count.
+    """
+
+    name: str = ""
+
+    def __init__(self, cfg, *, tokenizer=None) -> None:
+        self.cfg = cfg  # the `[task]` section
+        self.tokenizer = tokenizer  # None when training on random token ids
+
+    @abstractmethod
+    def batch(self, rows: torch.Tensor) -> Batch:
+        """This rank's batch from its (B, T + 1) rows of token ids."""
+
+    def count(self, batch: Batch) -> torch.Tensor:
+        """Counted units: tokens with a label."""
+        return batch.loss_mask.sum()
+
+    @abstractmethod
+    def loss_sum(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The sum of the counted units' losses; logits (B, T, vocab), maybe vocab-sharded."""
+
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: make a task available as `[task] name = cls.name`."""
+    assert cls.name and cls.name not in TASKS, f"task name {cls.name!r} empty or taken"
+    TASKS[cls.name] = cls
+    return cls
+
+
+def task_names() -> list[str]:
+    from parallm.train.tasks import pretrain  # noqa: F401  (the built-in tasks register)
+
+    return sorted(TASKS)
+
+
+def make_task(cfg, *, tokenizer=None) -> Task:
+    """The task `cfg.name` names (the `[task]` section), or a UserError listing the known ones."""
+    if cfg.name not in task_names():
+        raise UserError(f"task.name: {cfg.name!r} is not valid; valid: {', '.join(task_names())}")
+    return TASKS[cfg.name](cfg, tokenizer=tokenizer)
