@@ -361,3 +361,15 @@ def test_tensor_parallel_server_equals_transformers(model):
         )
     for prompt, choice in zip(PROMPTS[:2], out.choices, strict=True):
         assert choice.text == tok.decode(greedy_reference(ref, prompt, 6), skip_special_tokens=True)
+
+
+def test_sse_event_survives_readers_that_split_lines_like_str_splitlines():
+    """httpx's `aiter_lines` (and other SSE clients) break lines where `str.splitlines` does, at
+    U+0085, U+2028 and U+2029 too, which JSON leaves unescaped: a token decoding to one of them
+    once cut a streamed chunk in two."""
+    from parallm.serve.jobs import sse
+
+    text = "a\u2028b\x85c\u2029d\ne\r\u00e9"
+    lines = [line for line in sse({"text": text}).splitlines() if line]
+    assert len(lines) == 1
+    assert json.loads(lines[0].removeprefix("data: "))["text"] == text

@@ -243,8 +243,18 @@ def token_str(tok: Any, token_id: int) -> str:
 # -- a streaming job ------------------------------------------------------------------------------
 
 
+# Characters that `str.splitlines` (and so httpx's and many SSE clients' line readers) treat as
+# line breaks but JSON leaves unescaped: a token decoding to one would cut its event in two.
+_LINE_BREAKS = {ch: f"\\u{ord(ch):04x}" for ch in ("\x85", "\u2028", "\u2029")}
+
+
 def sse(payload: dict | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    """One Server-Sent Event: `data: <JSON>` (UTF-8, with line-breaking characters escaped)."""
+    if isinstance(payload, str):
+        return f"data: {payload}\n\n"
+    data = json.dumps(payload, ensure_ascii=False)
+    for ch, escaped in _LINE_BREAKS.items():
+        data = data.replace(ch, escaped)
     return f"data: {data}\n\n"
 
 
