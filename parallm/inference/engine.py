@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from parallm.errors import UserError
 from parallm.inference.config import EngineConfig
@@ -38,7 +39,12 @@ from parallm.inference.sampling import (
 from parallm.inference.scheduler import Scheduler, SchedulerConfig
 from parallm.inference.sequence import Sequence
 from parallm.inference.tp import TPGroup
-from parallm.inference.worker import build_runner, check_tensor_parallel, run_worker
+from parallm.inference.worker import (
+    build_runner,
+    check_tensor_parallel,
+    max_model_len_for,
+    run_worker,
+)
 from parallm.models.hf import read_family
 from parallm.tokenizer import Tokenizer
 
@@ -82,16 +88,6 @@ class _Request:
     error: str | None = None
 
 
-def max_model_len_for(model: str | Path, config: EngineConfig) -> int:
-    """The context the engine serves: `config.max_model_len`, at most the model's."""
-    spec, args = read_family(model)
-    context = spec.facts(args).max_seq_len
-    length = config.max_model_len or context
-    if length > context:
-        raise UserError(f"max_model_len: {length} exceeds the model's context of {context} tokens")
-    return length
-
-
 class LLMEngine:
     """Continuous batching over a paged KV cache for one model directory: the driver.
 
@@ -102,20 +98,22 @@ class LLMEngine:
 
     def __init__(self, model: str | Path, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
-        self.max_model_len = max_model_len_for(model, config)
+        spec, args = read_family(model)
+        facts = spec.facts(args)
+        self.max_model_len = max_model_len_for(facts, config)
+        self.vocab_size = facts.vocab_size
         self.tp: TPGroup | None = None
         if config.tensor_parallel_size > 1:  # a size that does not fit fails before any spawn
-            device_type = check_tensor_parallel(model, config)
-            serve_args = (model, config, self.max_model_len)
-            self.tp = TPGroup.start(
-                config.tensor_parallel_size, device_type, run_worker, serve_args
-            )
-            if self.tp.rank != 0:
-                self.close()
+            if dist.is_initialized() and dist.get_rank() > 0:
                 raise RuntimeError(
                     "LLMEngine is the driver (rank 0); ranks > 0 of a torchrun launch call "
                     "parallm.inference.worker.serve_rank (LLM does)"
                 )
+            device_type = check_tensor_parallel(args, config)
+            serve_args = (model, config, self.max_model_len)
+            self.tp = TPGroup.start(
+                config.tensor_parallel_size, device_type, run_worker, serve_args
+            )
         try:
             self.runner = build_runner(model, config, self.max_model_len, self.tp)
             self.tokenizer = Tokenizer.from_dir(model)  # after the weights: their errors first
@@ -123,7 +121,6 @@ class LLMEngine:
             self.close()
             raise
         self.model = self.runner.model
-        self.vocab_size = read_family(model)[0].facts(self.model.args).vocab_size
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,

@@ -68,7 +68,7 @@ def shard_by_plan(model: nn.Module, spec: FamilySpec, rank: int, size: int, grou
     plan = spec.plan
     for name, module in list(model.named_modules()):
         style = plan.style_of(name)
-        if style not in _WEIGHT_DIM or module is None:
+        if style not in _WEIGHT_DIM:
             continue
         parent, _, leaf = name.rpartition(".")
         local = _Sharded(module, style, rank, size, group)

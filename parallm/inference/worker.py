@@ -19,14 +19,23 @@ from parallm.inference.kv_budget import kv_cache_blocks
 from parallm.inference.model_runner import ModelRunner
 from parallm.inference.tp import TPGroup
 from parallm.inference.tp_model import load_sharded
-from parallm.models.hf import load_pretrained, read_args
+from parallm.models.hf import load_pretrained, read_family
+from parallm.models.registry import ModelFacts
 
 
-def check_tensor_parallel(model_dir: str | Path, config: EngineConfig) -> str:
-    """Check `tensor_parallel_size` against the model and the machine (before any process
-    starts); the device type."""
+def max_model_len_for(facts: ModelFacts, config: EngineConfig) -> int:
+    """The context the engine serves: `config.max_model_len`, at most the model's."""
+    context = facts.max_seq_len
+    length = config.max_model_len or context
+    if length > context:
+        raise UserError(f"max_model_len: {length} exceeds the model's context of {context} tokens")
+    return length
+
+
+def check_tensor_parallel(args, config: EngineConfig) -> str:
+    """Check `tensor_parallel_size` against the model (its args) and the machine, before any
+    process starts; the device type."""
     size = config.tensor_parallel_size
-    args = read_args(model_dir)
     try:  # seq_len: a step's token count varies and is never split over the ranks in serving
         ParallelDims(tp=size, dp_shard=1, world_size=size).validate_model(
             args, seq_len=size, cp_mode="ring", n_stages=1
@@ -75,10 +84,9 @@ def run_worker(
 def serve_rank(model_dir: str | Path, config: EngineConfig) -> None:
     """On a rank > 0 of an initialized process group (torchrun): join rank 0's engine and run
     its steps until rank 0 closes it."""
-    from parallm.inference.engine import max_model_len_for
-
-    device_type = check_tensor_parallel(model_dir, config)
-    max_model_len = max_model_len_for(model_dir, config)
+    spec, args = read_family(model_dir)
+    device_type = check_tensor_parallel(args, config)
+    max_model_len = max_model_len_for(spec.facts(args), config)
     tp = TPGroup.start(config.tensor_parallel_size, device_type, run_worker, ())
     assert tp.rank != 0, "rank 0 is the driver: build an LLMEngine there"
     try:
