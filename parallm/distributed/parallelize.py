@@ -34,6 +34,7 @@ from torch.distributed.tensor.parallel import (
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from parallm.config import AC_MODES
+from parallm.models.build import tie_weights
 from parallm.models.plan import TP, ParallelPlan
 from parallm.models.registry import family_of_model
 
@@ -72,13 +73,6 @@ def _present(module: nn.Module, names) -> list[str]:
     return out
 
 
-def _has_params(model: nn.Module, *names: str) -> bool:
-    try:
-        return all(model.get_parameter(n) is not None for n in names)
-    except AttributeError:
-        return False
-
-
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, loss_parallel: bool = True) -> None:
     """Shard `model` over `tp_mesh` by its family's plan, with sequence parallelism.
 
@@ -88,15 +82,12 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, loss_parallel: bool = Tru
     """
     spec = family_of_model(model)
     plan = spec.plan
-    tied = [(n, s) for n, s in spec.tied(model.args).items() if _has_params(model, n, s)]
     # Activations between modules stay DTensors with the global (B, T, dim) shape, so the model
     # computes positions and RoPE for all T tokens; only stage boundaries hold local shards.
     top = {n: _style(plan.top[n], loss_parallel=loss_parallel) for n in _present(model, plan.top)}
     parallelize_module(model, tp_mesh, top)
     _prepare_stage_boundaries(model, plan, tp_mesh)
-    for name, source in tied:  # both halves shard alike, so one parameter still serves
-        module, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(module), leaf, model.get_parameter(source))
+    tie_weights(model)  # both halves shard alike, so one parameter still serves
 
     for block in getattr(model, plan.layers).values():
         styles: dict[str, ParallelStyle] = {}

@@ -3,8 +3,9 @@
 A stage is the family's model built on `meta` from which the layers of other stages are deleted
 (the plan's `layers` is a `ModuleDict`, so the kept layers keep their names and checkpoints stay
 layout-independent); only the first stage keeps the plan's `first_stage` modules (embeddings),
-only the last its `last_stage` ones (final norm, output head). Loop schedules (`gpipe`, `1f1b`, `interleaved_1f1b`) give pipeline rank r the stages
-r, r + pp, ...; V schedules (`zero_bubble` = ZB-V, `dualpipev`) give it stages r and 2pp-1-r.
+only the last its `last_stage` ones (final norm, output head). Loop schedules (`gpipe`, `1f1b`,
+`interleaved_1f1b`) give pipeline rank r the stages r, r + pp, ...; V schedules (`zero_bubble` =
+ZB-V, `dualpipev`) give it stages r and 2pp-1-r.
 
 Tied weights across stages (the family's `tied`, e.g. an output head tied to the embedding):
 the first stage's source and the last stage's copy start equal and `TiedGradSync` sums their
@@ -31,6 +32,7 @@ from torch.distributed.pipelining.schedules import (
 from torch.distributed.tensor import DTensor
 
 from parallm.errors import UserError
+from parallm.models.build import find_param
 from parallm.models.registry import FamilySpec, family_of_model
 
 SCHEDULES: dict[str, type] = {
@@ -127,13 +129,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _param(model: nn.Module, name: str) -> nn.Parameter | None:
-    try:
-        return model.get_parameter(name)
-    except AttributeError:  # on a stage that does not hold it
-        return None
-
-
 class TiedGradSync:
     """Sums the gradients of a tied pair (e.g. embedding and output head) over the pipeline
     group, for the family's one tied weight.
@@ -149,9 +144,9 @@ class TiedGradSync:
         ((name, source),) = spec.tied(model_parts[0].args).items()
         for part in model_parts:
             # A part holding both holds one tensor (tied on the stage): count it once.
-            held = _param(part, source)
+            held = find_param(part, source)
             if held is None:
-                held = _param(part, name)
+                held = find_param(part, name)
             if held is not None:
                 self.held.append(held)
         shapes: list = [None] * dist.get_world_size(pp_group)

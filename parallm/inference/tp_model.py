@@ -30,7 +30,7 @@ from torch import nn
 
 from parallm.inference.tp import TPGroup
 from parallm.models import hf
-from parallm.models.build import materialize
+from parallm.models.build import materialize, tie_weights
 from parallm.models.plan import TP
 from parallm.models.registry import FamilySpec
 
@@ -73,9 +73,7 @@ def shard_by_plan(model: nn.Module, spec: FamilySpec, rank: int, size: int, grou
         parent, _, leaf = name.rpartition(".")
         local = _Sharded(module, style, rank, size, group)
         setattr(model.get_submodule(parent), leaf, local)
-    for name, source in spec.tied(model.args).items():  # both ends hold the same rows
-        module, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(module), leaf, model.get_parameter(source))
+    tie_weights(model)  # both ends hold the same vocabulary rows
 
 
 def _meta_param(like: torch.Tensor, dim: int | None, size: int) -> nn.Parameter:

@@ -29,6 +29,24 @@ def value_source(model: nn.Module, name: str) -> str:
     return family_of_model(model).tied(model.args).get(name, name)
 
 
+def find_param(model: nn.Module, name: str) -> nn.Parameter | None:
+    """The parameter `name` of `model`, or None where it does not hold it (a pipeline stage)."""
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return None
+
+
+def tie_weights(model: nn.Module) -> None:
+    """Make each tied parameter (the family's `tied`) its source again where `model` holds both,
+    after a step that replaced one of them (loading with `assign=True`, sharding modules)."""
+    for name, source in family_of_model(model).tied(model.args).items():
+        src = find_param(model, source)
+        if src is not None and find_param(model, name) is not None:
+            module, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(module), leaf, src)
+
+
 @torch.no_grad()
 def copy_local_shard(param: torch.Tensor, full: torch.Tensor) -> None:
     """Copy this rank's shard of the full value `full` into `param` (a DTensor or a tensor)."""

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from parallm.errors import UserError
-from parallm.models.build import canonical_name, value_source
+from parallm.models.build import canonical_name, tie_weights, value_source
 from parallm.models.registry import FamilySpec, family_of_args, family_of_config
 from parallm.utils.fs import atomic_dir, read_json
 
@@ -182,8 +182,7 @@ def load_pretrained(
     model = spec.build(args)
     state = _read_state_dict(d, spec, args, dtype, device)
     model.load_state_dict(state, strict=False, assign=True)
-    for name, source in spec.tied(args).items():  # assign=True replaced the shared tensor
-        _set_param(model, name, model.get_parameter(source))
+    tie_weights(model)  # assign=True replaced the shared tensor
     model.init_buffers(device)
     return model.eval()
 
@@ -192,11 +191,6 @@ def checkpoint_dtype(path: str | os.PathLike) -> str | None:
     """The `torch_dtype` (or `dtype`) a model directory's `config.json` names, if any."""
     cfg = read_json(_model_dir(path) / "config.json")
     return cfg.get("torch_dtype", cfg.get("dtype"))
-
-
-def _set_param(model: torch.nn.Module, name: str, value: torch.nn.Parameter) -> None:
-    module, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(module), leaf, value)
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
