@@ -132,10 +132,13 @@ def test_load_with_disconnects(keyed):
     url, db = keyed
     key_id, secret = new_key(db, "load")
     rng = random.Random(0)
-    jobs = [
-        ([rng.randrange(3, 270) for _ in range(rng.randint(4, 40))], rng.randint(8, 24), i % 10 < 3)
-        for i in range(200)
-    ]
+    jobs = []
+    for i in range(200):
+        prompt = [rng.randrange(3, 270) for _ in range(rng.randint(4, 40))]
+        leave = i % 10 < 3
+        # Those who leave ask for 4x more (32-96 tokens), so that whether they leave before
+        # their last token does not hang on how fast this machine streams 8-24 tokens.
+        jobs.append((prompt, rng.randint(8, 24) * (4 if leave else 1), leave))
 
     async def one(client: httpx.AsyncClient, prompt, max_tokens, leave) -> dict:
         body = {
