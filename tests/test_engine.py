@@ -153,3 +153,20 @@ def _run(engine) -> dict:
             if out.finished:
                 done[out.request_id] = out
     return done
+
+
+def test_bench_infer_writes_its_report_into_a_new_directory(tmp_path, capsys):
+    """`bench infer --model DIR --out NEW` once ran the whole workload, then failed to save its
+    report because nothing had created NEW."""
+    import json
+
+    from parallm.cli import main
+    from tests.hf_models import save_hf_model_with_tokenizer
+
+    save_hf_model_with_tokenizer("llama3", tmp_path / "model")
+    out = tmp_path / "new" / "report-dir"
+    argv = ["bench", "infer", "--model", str(tmp_path / "model"), "--num-requests", "2"]
+    argv += ["--input-len", "4", "--output-len", "3", "--no-hf", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_requests"] == 2 and report["parallm"]["seconds"] > 0

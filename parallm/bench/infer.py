@@ -142,7 +142,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from parallm.models.hf import read_args, resolve_dtype
+    from parallm.models.hf import read_family, resolve_dtype
     from parallm.utils.fs import write_json_atomic
 
     args = parser().parse_args(argv)
@@ -156,12 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     dtype = resolve_dtype(args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     args.dtype = str(dtype).removeprefix("torch.")
     model_dir = Path(args.model) if args.model else random_model_dir(args.shape, out, dtype)
-    margs = read_args(model_dir)
-    prompts, outputs = workload(args.num_requests, margs.vocab_size, inp, outp, args.seed)
+    spec, margs = read_family(model_dir)
+    facts = spec.facts(margs)
+    prompts, outputs = workload(args.num_requests, facts.vocab_size, inp, outp, args.seed)
     n_out, n_in = sum(outputs), sum(len(p) for p in prompts)
     result: dict[str, Any] = {
         "model": str(model_dir),
-        "parameters": margs.num_params(),
+        "parameters": facts.num_params,
         "num_requests": args.num_requests,
         "input_len": list(inp),
         "output_len": list(outp),

@@ -95,10 +95,10 @@ def plan_to_dict(candidates: list[Candidate], *, gpu_memory_gb: float) -> dict:
 
 
 def _describe(args) -> str:
-    args = facts_of(args)
+    f = facts_of(args)
     return (
-        f"{args.num_params / 1e9:.3f}B parameters ({args.n_layers} layers, dim {args.dim}, "
-        f"{args.n_heads} heads / {args.n_kv_heads} kv, ffn {args.ffn_dim}, vocab {args.vocab_size})"
+        f"{f.num_params / 1e9:.3f}B parameters ({f.n_layers} layers, dim {f.dim}, "
+        f"{f.n_heads} heads / {f.n_kv_heads} kv, ffn {f.ffn_dim}, vocab {f.vocab_size})"
     )
 
 

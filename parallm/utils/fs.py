@@ -48,8 +48,10 @@ def write_lines_atomic(path: str | os.PathLike, lines: list[str]) -> None:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to a temporary name in the same directory, then rename it into place."""
+    """Write `text` to a temporary name in the same directory (created if missing), then rename
+    it into place."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.write_text(text)
     os.replace(tmp, path)
