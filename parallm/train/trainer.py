@@ -126,19 +126,7 @@ class Trainer:
         self.optimizer = Optimizers(
             self.model.parts, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.eps
         )
-        if d.random_tokens:
-            vocab = family_of_args(args).facts(args).vocab_size
-            dataset = PackedDataset.random(d.random_tokens, vocab, seq_len=d.seq_len)
-        else:
-            dataset = PackedDataset.from_files(
-                files,
-                self.tokenizer,
-                seq_len=d.seq_len,
-                text_field=d.text_field,
-                seed=t.seed,
-                shuffle=d.shuffle,
-                cache_dir=d.cache_dir,
-            )
+        dataset = self._build_dataset(files, args)
         self.task = make_task(cfg.task, tokenizer=self.tokenizer)
         self.data = PackedDataLoader(
             dataset,
@@ -225,6 +213,21 @@ class Trainer:
                     f"train.micro_batch_size={t.micro_batch_size} (each micro-batch is one "
                     "pipeline step)"
                 )
+
+    def _build_dataset(self, files: list[Path], args) -> PackedDataset:
+        d = self.cfg.data
+        if d.random_tokens:
+            vocab = family_of_args(args).facts(args).vocab_size
+            return PackedDataset.random(d.random_tokens, vocab, seq_len=d.seq_len)
+        return PackedDataset.from_files(
+            files,
+            self.tokenizer,
+            seq_len=d.seq_len,
+            text_field=d.text_field,
+            seed=self.cfg.train.seed,
+            shuffle=d.shuffle,
+            cache_dir=d.cache_dir,
+        )
 
     def _build_tokenizer(self, files: list[Path]) -> Tokenizer:
         cfg = self.cfg
