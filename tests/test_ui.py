@@ -85,6 +85,11 @@ def set_number(page, label: str, value: float) -> None:
     field = page.get_by_label(f"number input for {label}")
     field.fill(str(value))
     field.press("Tab")  # a slider's number takes effect on change
+    # ... asynchronously: a message sent before the slider holds it would go out with the old
+    # value (seen once in three runs), so wait until it does.
+    expect(page.get_by_label(f"range slider for {label}")).to_have_value(
+        str(value), timeout=TIMEOUT_MS
+    )
 
 
 def message_box(page):
