@@ -83,13 +83,19 @@ def set_options(page, *, max_tokens: int, temperature: float) -> None:
 
 def set_number(page, label: str, value: float) -> None:
     field = page.get_by_label(f"number input for {label}")
-    field.fill(str(value))
-    field.press("Tab")  # a slider's number takes effect on change
-    # ... asynchronously: a message sent before the slider holds it would go out with the old
-    # value (seen once in three runs), so wait until it does.
-    expect(page.get_by_label(f"range slider for {label}")).to_have_value(
-        str(value), timeout=TIMEOUT_MS
-    )
+    slider = page.get_by_label(f"range slider for {label}")
+    # A slider's number takes effect on change, and a value typed while the Options were still
+    # opening was sometimes dropped (the message then went out with the old value): type it
+    # again until the slider holds it, then check with the usual patience.
+    for _ in range(5):
+        field.fill(str(value))
+        field.press("Tab")
+        try:
+            expect(slider).to_have_value(str(value), timeout=2_000)
+            return
+        except AssertionError:
+            continue
+    expect(slider).to_have_value(str(value), timeout=TIMEOUT_MS)
 
 
 def message_box(page):
