@@ -45,9 +45,18 @@ class DataConfig:
     # > 0: this many uniformly random token ids instead of files (benchmarks; needs
     # model.vocab_size and no tokenizer)
     random_tokens: int = 0
+    # > 0: this share of the samples (seeded) is held out; the trainer reports its loss as
+    # `eval_loss` (every train.eval_every steps and after the last)
+    eval_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.seq_len >= 1, "data.seq_len", self.seq_len, "must be >= 1")
+        _check(
+            0 <= self.eval_fraction < 1,
+            "data.eval_fraction",
+            self.eval_fraction,
+            "must be in [0, 1)",
+        )
         _check(self.max_files >= 0, "data.max_files", self.max_files, "must be >= 0 (0: all)")
         _check(self.random_tokens >= 0, "data.random_tokens", self.random_tokens, "must be >= 0")
         for ext in self.extensions:
@@ -138,6 +147,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on GPU, float32 on CPU) | float32 | bfloat16
     log_every: int = 10
+    eval_every: int = 0  # steps between evaluations of the held-out data (0: after the last)
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", self.steps, "must be >= 1")
@@ -167,6 +177,7 @@ class TrainConfig:
             "valid: auto, float32, bfloat16",
         )
         _check(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
+        _check(self.eval_every >= 0, "train.eval_every", self.eval_every, "must be >= 0")
 
 
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "dualpipev")
@@ -269,16 +280,25 @@ class GenerateConfig:
 
 
 TASK_ATTENTION = ("causal", "document")
+OVERLONG = ("truncate", "drop")
 
 
 @dataclass(kw_only=True)
 class TaskConfig:
-    """The training objective (`parallm/train/tasks/`): `pretrain` (causal LM on packed text).
-    `attention`: `causal` over whole rows, or `document`: packed documents do not attend to each
-    other and their positions restart (a document ends at EOS)."""
+    """The training objective (`parallm/train/tasks/`): `pretrain` (causal LM on packed text) or
+    `sft` (conversations, loss on the assistant's tokens).
+
+    pretrain: `attention` is `causal` over whole rows, or `document`: packed documents do not
+    attend to each other and their positions restart (a document ends at EOS).
+    sft: `packing` puts many conversations in a row (per-document attention, positions restart)
+    or, when false, one per row padded to `data.seq_len + 1`; a conversation longer than that is
+    cut to its first tokens (`overlong = "truncate"`) or left out (`"drop"`), and counted.
+    """
 
     name: str = "pretrain"
     attention: str = "causal"
+    packing: bool = True
+    overlong: str = "truncate"
 
     def __post_init__(self) -> None:
         from parallm.train.tasks import task_names
@@ -290,6 +310,12 @@ class TaskConfig:
             "task.attention",
             self.attention,
             f"valid: {', '.join(TASK_ATTENTION)}",
+        )
+        _check(
+            self.overlong in OVERLONG,
+            "task.overlong",
+            self.overlong,
+            f"valid: {', '.join(OVERLONG)}",
         )
 
 

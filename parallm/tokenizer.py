@@ -36,16 +36,28 @@ def _token_text(value: Any) -> str | None:
     return value
 
 
+# Private-use characters that mark `{% generation %}` blocks while assistant spans are rendered.
+_GEN_START, _GEN_END = "\ue000", "\ue001"
+
+
 class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}`, which assistant-mask templates use; renders the
-    body unchanged (the training data code finds assistant spans itself)."""
+    """`{% generation %}...{% endgeneration %}`, which assistant-mask templates use: renders the
+    body unchanged, between two marker characters when `_parallm_mark_generation` is set (how
+    `assistant_spans` finds the template's own assistant spans)."""
 
     tags = {"generation"}
 
     def parse(self, parser):
         lineno = next(parser.stream).lineno
         body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.Scope(body, lineno=lineno)
+        nodes = jinja2.nodes
+        marking = nodes.Name("_parallm_mark_generation", "load", lineno=lineno)
+
+        def marker(ch: str):
+            expr = nodes.CondExpr(marking, nodes.Const(ch), nodes.Const(""), lineno=lineno)
+            return nodes.Output([expr], lineno=lineno)
+
+        return nodes.Scope([marker(_GEN_START), *body, marker(_GEN_END)], lineno=lineno)
 
 
 def _raise_exception(message: str):
@@ -152,6 +164,11 @@ class Tokenizer:
         """Token ids; `add_special_tokens` applies the post-processor (e.g. a leading BOS)."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of `text` (no special tokens added) and each token's character span."""
+        enc = self.backend.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
     def encode_batch(self, texts: list[str], *, add_special_tokens: bool = True) -> list[list[int]]:
         encodings = self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
         return [e.ids for e in encodings]
@@ -198,6 +215,44 @@ class Tokenizer:
             **specials,
             **kwargs,
         )
+
+    def assistant_spans(
+        self, messages: list[dict[str, Any]], **kwargs: Any
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation and the character spans of its assistant turns.
+
+        With `{% generation %}` blocks in the template, the spans are those blocks (what
+        `transformers`' `return_assistant_tokens_mask` uses). Without them, each assistant turn i
+        is what rendering messages[:i + 1] adds to messages[:i] with the generation prompt
+        (its content and end-of-turn tokens); a template for which those renders are not
+        prefixes of the whole conversation needs generation blocks, and says so.
+        """
+        marked = self.apply_chat_template(messages, _parallm_mark_generation=True, **kwargs)
+        if _GEN_START in marked:
+            text, spans, pos, start = [], [], 0, 0
+            for ch in marked:
+                if ch == _GEN_START:
+                    start = pos
+                elif ch == _GEN_END:
+                    spans.append((start, pos))
+                else:
+                    text.append(ch)
+                    pos += 1
+            return "".join(text), [s for s in spans if s[1] > s[0]]
+        spans = []
+        for i, message in enumerate(messages):
+            if message.get("role") != "assistant":
+                continue
+            before = self.apply_chat_template(messages[:i], add_generation_prompt=True, **kwargs)
+            through = self.apply_chat_template(messages[: i + 1], **kwargs)
+            if not (marked.startswith(through) and through.startswith(before)):
+                raise UserError(
+                    "chat template: rendering the conversation turn by turn does not give its "
+                    "prefixes, so the assistant tokens cannot be found; add {% generation %} "
+                    "blocks around the assistant content"
+                )
+            spans.append((len(before), len(through)))
+        return marked, [s for s in spans if s[1] > s[0]]
 
 
 _COMPILED: dict[str, jinja2.Template] = {}

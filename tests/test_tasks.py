@@ -101,3 +101,29 @@ def test_task_registry_and_bad_task_fields(corpus, tmp_path):
 class _Named:
     def __init__(self, name: str) -> None:
         self.name = name
+
+
+def _records(rank: int, world: int, data, tok, out, extra):
+    records = Trainer(job(data, tok, out, *extra)).fit()
+    return [(r["loss"], r.get("eval_loss")) for r in records] if rank == 0 else None
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zero_bubble"])
+def test_held_out_loss_under_pipeline_schedules(corpus, tmp_path, schedule):
+    """Evaluation runs forward only (torch's V schedules run their step and drop the
+    gradients): the held-out losses, the training losses and the weights equal one process."""
+    from parallm.testing.distributed import run_distributed
+
+    data, tok = corpus
+    extra = ("--data.eval_fraction=0.2", "--train.eval_every=2")
+    ref = _records(0, 1, data, tok, tmp_path / "one", extra)
+    assert [e is not None for _, e in ref] == [False, True, False, True, True]
+    pp = ["--parallel.pp=2", "--parallel.dp_shard=1", f"--parallel.pp_schedule={schedule}"]
+    if schedule == "zero_bubble":
+        pp += ["--train.micro_batch_size=4", "--parallel.pp_microbatches=4"]
+    got = run_distributed(_records, 2, tmp_path / "rdzv", data, tok, tmp_path / "pp", (*extra, *pp))
+    flat = [x for pair in got[0] for x in pair if x is not None]
+    torch.testing.assert_close(
+        flat, [x for pair in ref for x in pair if x is not None], rtol=1e-5, atol=0
+    )
+    assert_weights_close(weights(tmp_path / "pp" / "hf"), weights(tmp_path / "one" / "hf"))

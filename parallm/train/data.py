@@ -12,6 +12,7 @@ share each global batch. That makes resuming exact, also on a different layout.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -150,7 +151,60 @@ def tokenize_files(
     return stream
 
 
-class PackedDataset:
+class _EpochOrder:
+    """Samples 0..num_samples-1 in one seeded permutation per epoch, so the data position is one
+    integer (samples consumed) whatever the data-parallel degree. A subclass says how many
+    samples it holds (`_total`) and what one is (`row(sample_id)`); `split` gives views of
+    disjoint subsets (a held-out evaluation set)."""
+
+    _total: int
+    seed: int
+    shuffle: bool
+    _ids: np.ndarray | None = None  # the samples this view reads; None: all of them
+    _epoch_order: tuple[int, np.ndarray | None] = (-1, None)
+
+    @property
+    def num_samples(self) -> int:
+        return self._total if self._ids is None else len(self._ids)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def row(self, sample_id: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._epoch_order[0] != epoch:  # one permutation per epoch, computed once
+            order = np.arange(self.num_samples)
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+            self._epoch_order = (epoch, order)
+        return self._epoch_order[1]
+
+    def sample(self, index: int) -> np.ndarray:
+        """The `index`-th sample consumed since the start of training (epochs wrap around)."""
+        epoch, i = divmod(index, self.num_samples)
+        j = int(self._order(epoch)[i])
+        return self.row(j if self._ids is None else int(self._ids[j]))
+
+    def split(self, fraction: float):
+        """(train, held out): a seeded `fraction` of the samples (at least one) held out, read in
+        order, and the rest; a UserError when nothing would be left to train on."""
+        n_eval = max(1, round(fraction * self.num_samples))
+        if n_eval >= self.num_samples:
+            raise UserError(
+                f"data.eval_fraction: {fraction} of {self.num_samples} samples leaves none to "
+                "train on; lower it or add data"
+            )
+        perm = np.random.default_rng([self.seed, 1_000_003]).permutation(self.num_samples)
+        train, held = copy.copy(self), copy.copy(self)
+        train._ids, held._ids = np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
+        train._epoch_order = held._epoch_order = (-1, None)
+        held.shuffle = False
+        return train, held
+
+
+class PackedDataset(_EpochOrder):
     """Fixed-length samples cut from a token stream; sample i is tokens
     [i * seq_len, (i + 1) * seq_len + 1), so consecutive samples share one boundary token."""
 
@@ -180,30 +234,36 @@ class PackedDataset:
     def __init__(self, tokens: np.ndarray, *, seq_len: int, seed: int = 0, shuffle: bool = True):
         self.tokens = tokens
         self.seq_len, self.seed, self.shuffle = seq_len, seed, shuffle
-        self.num_samples = (len(self.tokens) - 1) // seq_len if len(self.tokens) else 0
-        self._epoch_order: tuple[int, np.ndarray | None] = (-1, None)
-        if self.num_samples == 0:
+        self._total = (len(self.tokens) - 1) // seq_len if len(self.tokens) else 0
+        if self._total == 0:
             raise UserError(
                 f"data: the files hold {len(self.tokens)} tokens, fewer than one sample of "
                 f"data.seq_len + 1 = {seq_len + 1}; add data or lower data.seq_len"
             )
 
-    def __len__(self) -> int:
-        return self.num_samples
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if self._epoch_order[0] != epoch:  # one permutation per epoch, computed once
-            order = np.arange(self.num_samples)
-            if self.shuffle:
-                order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-            self._epoch_order = (epoch, order)
-        return self._epoch_order[1]
-
-    def sample(self, index: int) -> np.ndarray:
-        """The `index`-th sample consumed since the start of training (epochs wrap around)."""
-        epoch, i = divmod(index, self.num_samples)
-        start = int(self._order(epoch)[i]) * self.seq_len
+    def row(self, sample_id: int) -> np.ndarray:
+        start = sample_id * self.seq_len
         return self.tokens[start : start + self.seq_len + 1]
+
+
+class RowDataset(_EpochOrder):
+    """Rows built ahead, (N, C, seq_len + 1) int arrays: C channels per token (e.g. ids, label
+    mask, document ids, positions of packed conversations), read in a seeded order per epoch."""
+
+    def __init__(self, rows: np.ndarray, *, seed: int = 0, shuffle: bool = True) -> None:
+        self.rows, self.seed, self.shuffle = rows, seed, shuffle
+        self._total = len(rows)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_samples * self.rows.shape[-1]
+
+    def row(self, sample_id: int) -> np.ndarray:
+        return self.rows[sample_id]
 
 
 class PackedDataLoader:
@@ -216,7 +276,7 @@ class PackedDataLoader:
 
     def __init__(
         self,
-        dataset: PackedDataset,
+        dataset: PackedDataset | RowDataset,
         *,
         global_batch_size: int,
         micro_batch_size: int,
@@ -240,8 +300,8 @@ class PackedDataLoader:
         self.consumed = 0
 
     def next_rows(self) -> torch.Tensor:
-        """This rank's slice of the next global batch: (local batch, seq_len + 1) token ids
-        (a task turns them into inputs and labels)."""
+        """This rank's slice of the next global batch: (local batch, seq_len + 1) token ids, or
+        (local batch, C, seq_len + 1) from a `RowDataset` (a task turns them into a batch)."""
         first = self.consumed + self.dp_rank * self.local_batch_size
         rows = np.stack([self.dataset.sample(first + i) for i in range(self.local_batch_size)])
         self.consumed += self.global_batch_size

@@ -68,10 +68,12 @@ class Progress:
             return
         self.recent.append(record["loss"])
         text = f"loss {record['loss']:.4f} lr {record['lr']:.2e} tok/s {record['tokens_per_s']:.0f}"
+        if "eval_loss" in record:
+            text += f" eval loss {record['eval_loss']:.4f}"
         if self.bar is not None:
             self.bar.set_postfix_str(text, refresh=False)
             self.bar.update(1)
-        elif record["step"] % self.every == 0 or record["step"] == 1:
+        elif record["step"] % self.every == 0 or record["step"] == 1 or "eval_loss" in record:
             # One step's loss is noisy; the mean since the last line shows the trend.
             mean = sum(self.recent) / len(self.recent)
             print(f"step {record['step']:>6} | {text} | mean loss {mean:.4f}", flush=True)

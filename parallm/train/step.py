@@ -80,8 +80,9 @@ class StepRunner:
         # The schedule splits the target, the micro-batch's row indices, as it splits inputs.
         return self._loss(logits, self._pipeline_batch.select(rows))
 
-    def _set_loss_scale(self, micro_batches: list[Batch]) -> None:
-        """dp * cp / (counted units of the global batch), all-reduced before any forward."""
+    def _set_loss_scale(self, micro_batches: list[Batch]) -> float:
+        """dp * cp / (counted units of the global batch), all-reduced before any forward;
+        returns the global count."""
         count = torch.stack([self.task.count(b) for b in micro_batches]).sum().float()
         d = self.dims
         if dist.is_initialized() and d.dp * d.cp > 1:
@@ -89,6 +90,7 @@ class StepRunner:
             dist.all_reduce(count, group=d.mesh["dp_cp"].get_group())
             count = count[0]
         self.loss_scale = d.dp * d.cp / count.clamp_min(1.0)
+        return float(count)
 
     def _loss_ctx(self):
         # Vocabulary-parallel logits: the loss (forward and backward) runs on the shards.
@@ -141,7 +143,28 @@ class StepRunner:
             self.tied_sync()
         return self._global_mean(total)
 
-    def _pipeline_micro_batch(self, batch: Batch) -> torch.Tensor:
+    @torch.no_grad()
+    def evaluate(self, micro_batches: list[Batch]) -> tuple[float, float]:
+        """The global mean loss of a batch without training (forward only), and the global
+        number of counted units it averages over (to weigh batches of an evaluation set)."""
+        micro_batches = [self._prepare(b) for b in micro_batches]
+        count = self._set_loss_scale(micro_batches)
+        total = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            if self.schedule is not None:
+                total += self._pipeline_micro_batch(batch, train=False)
+                continue
+            with self._loss_ctx(), self._autocast_ctx():
+                logits = self.model.parts[0](
+                    batch.input_ids,
+                    batch.position_ids,
+                    batch.document_ids,
+                    attention=batch.attention,
+                )
+                total += _value(self._loss(logits, batch))
+        return self._global_mean(total), count
+
+    def _pipeline_micro_batch(self, batch: Batch, *, train: bool = True) -> torch.Tensor:
         losses: list[torch.Tensor] = []
         args = (batch.input_ids,) if self.model.has_first_stage else ()
         # Every stage gets the token layout (split into pipeline micro-batches like the inputs).
@@ -151,8 +174,16 @@ class StepRunner:
         rows = torch.arange(batch.rows, device=self.device)
         target = rows if self.model.has_last_stage else None
         self._pipeline_batch = batch
-        with self._loss_ctx(), self._autocast_ctx():
-            self.schedule.step(*args, target=target, losses=losses, **kwargs)
+        # torch's V schedules cannot run forward only: evaluation runs their step and drops
+        # the gradients it made (the optimizer step before has cleared them).
+        forward_only = not train and self.pcfg.pp_schedule not in pipeline.V_SCHEDULES
+        run = self.schedule.eval if forward_only else self.schedule.step
+        with torch.enable_grad() if not forward_only else nullcontext():
+            with self._loss_ctx(), self._autocast_ctx():
+                run(*args, target=target, losses=losses, **kwargs)
+        if not train and not forward_only:
+            for p in self.model.parameters():
+                p.grad = None
         self._pipeline_batch = None
         if not losses:
             return torch.zeros((), device=self.device)

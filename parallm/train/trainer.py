@@ -29,7 +29,7 @@ from parallm.models.hf import load_pretrained, read_args, save_state_dict
 from parallm.models.registry import family, family_of_args
 from parallm.tokenizer import Tokenizer, save_tokenizer_dir, train_bpe_tokenizer
 from parallm.train import checkpoint as ckpt
-from parallm.train.data import PackedDataLoader, PackedDataset, find_files, iter_texts
+from parallm.train.data import PackedDataLoader, PackedDataset, RowDataset, find_files, iter_texts
 from parallm.train.layout import RankModel, build_rank_model
 from parallm.train.metrics import MetricsLog, Progress, device_peak_flops, flops_per_token
 from parallm.train.optim import Optimizers, lr_at
@@ -126,15 +126,17 @@ class Trainer:
         self.optimizer = Optimizers(
             self.model.parts, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.eps
         )
-        dataset = self._build_dataset(files, args)
         self.task = make_task(cfg.task, tokenizer=self.tokenizer)
-        self.data = PackedDataLoader(
-            dataset,
-            global_batch_size=t.batch_size,
-            micro_batch_size=t.micro_batch_size,
-            dp_rank=self.dims.coordinate("dp"),
-            dp_degree=self.dims.dp,
-        )
+        dataset = self._build_dataset(files, args)
+        self.held_out = None
+        if d.eval_fraction > 0:
+            dataset, self.held_out = dataset.split(d.eval_fraction)
+            if len(self.held_out) < t.batch_size:
+                raise UserError(
+                    f"data.eval_fraction: {d.eval_fraction} holds out {len(self.held_out)} "
+                    f"samples, fewer than one batch of train.batch_size={t.batch_size}"
+                )
+        self.data = self._loader(dataset)
         autocast = torch.bfloat16 if self._wants_bf16() and not fsdp_bf16 else None
         self.runner = StepRunner(
             self.model, self.dims, p, self.task, device=self.device, autocast=autocast
@@ -214,20 +216,36 @@ class Trainer:
                     "pipeline step)"
                 )
 
-    def _build_dataset(self, files: list[Path], args) -> PackedDataset:
+    def _loader(self, dataset: PackedDataset | RowDataset) -> PackedDataLoader:
+        t = self.cfg.train
+        return PackedDataLoader(
+            dataset,
+            global_batch_size=t.batch_size,
+            micro_batch_size=t.micro_batch_size,
+            dp_rank=self.dims.coordinate("dp"),
+            dp_degree=self.dims.dp,
+        )
+
+    def evaluate(self) -> float:
+        """The mean loss over the held-out data's counted units, in whole global batches (all
+        ranks take part; forward only)."""
+        loader = self._loader(self.held_out)
+        total = count = 0.0
+        for _ in range(len(self.held_out) // self.cfg.train.batch_size):
+            batch = self.task.batch(loader.next_rows())
+            mean, n = self.runner.evaluate(batch.split(self.cfg.train.micro_batch_size))
+            total, count = total + mean * n, count + n
+        return total / max(count, 1.0)
+
+    def _build_dataset(self, files: list[Path], args) -> PackedDataset | RowDataset:
         d = self.cfg.data
         if d.random_tokens:
             vocab = family_of_args(args).facts(args).vocab_size
             return PackedDataset.random(d.random_tokens, vocab, seq_len=d.seq_len)
-        return PackedDataset.from_files(
-            files,
-            self.tokenizer,
-            seq_len=d.seq_len,
-            text_field=d.text_field,
-            seed=self.cfg.train.seed,
-            shuffle=d.shuffle,
-            cache_dir=d.cache_dir,
-        )
+        dataset = self.task.dataset(files, d, seed=self.cfg.train.seed)
+        if self.task.data_summary:
+            self.log(self.task.data_summary)
+        return dataset
 
     def _build_tokenizer(self, files: list[Path]) -> Tokenizer:
         cfg = self.cfg
@@ -265,7 +283,7 @@ class Trainer:
         )
         epochs = cfg.train.steps * cfg.train.batch_size / len(dataset)
         self.log(
-            f"data: {f'{len(files)} files' if files else 'random token ids'}, {len(dataset.tokens):,} tokens -> {len(dataset):,} "
+            f"data: {f'{len(files)} files' if files else 'random token ids'}, {dataset.num_tokens:,} tokens -> {len(dataset):,} "
             f"samples of {cfg.data.seq_len} tokens; {cfg.train.steps} steps x "
             f"{cfg.train.batch_size} samples = {epochs:.2f} epochs"
         )
@@ -355,6 +373,11 @@ class Trainer:
         try:
             while self.step < end:
                 record = self.train_step()
+                eval_every, last = cfg.train.eval_every, self.step == cfg.train.steps
+                if self.held_out is not None and (
+                    last or (eval_every and self.step % eval_every == 0)
+                ):
+                    record["eval_loss"] = self.evaluate()
                 records.append(record)
                 if log is not None:
                     log.write(record)

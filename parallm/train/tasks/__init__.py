@@ -16,11 +16,14 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from parallm.errors import UserError
 from parallm.models.attention import AttentionSpec
+from parallm.train.data import PackedDataset, RowDataset
 
 IGNORE_INDEX = -100  # a label that is not counted (prompt tokens, padding), as in PyTorch / HF
 
@@ -96,14 +99,29 @@ class Task(ABC):
     """
 
     name: str = ""
+    data_summary: str = ""  # what `dataset` made of the files, for the log (counts, drops)
 
     def __init__(self, cfg, *, tokenizer=None) -> None:
         self.cfg = cfg  # the `[task]` section
         self.tokenizer = tokenizer  # None when training on random token ids
 
+    def dataset(self, files: list[Path], data_cfg, *, seed: int) -> PackedDataset | RowDataset:
+        """What this task trains on, from the data files (`[data]`): by default the packed
+        token stream of their documents (`PackedDataset`)."""
+        return PackedDataset.from_files(
+            files,
+            self.tokenizer,
+            seq_len=data_cfg.seq_len,
+            text_field=data_cfg.text_field,
+            seed=seed,
+            shuffle=data_cfg.shuffle,
+            cache_dir=data_cfg.cache_dir,
+        )
+
     @abstractmethod
     def batch(self, rows: torch.Tensor) -> Batch:
-        """This rank's batch from its (B, T + 1) rows of token ids."""
+        """This rank's batch from its rows of the dataset: (B, T + 1) token ids, or the
+        (B, C, T + 1) channels of a `RowDataset`."""
 
     def count(self, batch: Batch) -> torch.Tensor:
         """Counted units: tokens with a label."""
@@ -112,6 +130,17 @@ class Task(ABC):
     @abstractmethod
     def loss_sum(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The sum of the counted units' losses; logits (B, T, vocab), maybe vocab-sharded."""
+
+
+def next_token_loss_sum(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Summed cross entropy of the counted labels (float32; vocabulary-sharded logits work under
+    `loss_parallel`)."""
+    return F.cross_entropy(
+        logits.float().flatten(0, 1),
+        batch.labels.flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
 
 
 TASKS: dict[str, type[Task]] = {}
@@ -125,7 +154,7 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 
 def task_names() -> list[str]:
-    from parallm.train.tasks import pretrain  # noqa: F401  (the built-in tasks register)
+    from parallm.train.tasks import pretrain, sft  # noqa: F401  (the built-in tasks register)
 
     return sorted(TASKS)
 

@@ -8,10 +8,9 @@ restart at 0 (a document starts after each EOS), as if each were its own sequenc
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from parallm.models.attention import AttentionSpec
-from parallm.train.tasks import IGNORE_INDEX, Batch, Task, register_task
+from parallm.train.tasks import Batch, Task, next_token_loss_sum, register_task
 
 
 def document_layout(input_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,9 +37,4 @@ class Pretrain(Task):
         return Batch(inputs, labels, positions, docs, AttentionSpec.of_kind("document"))
 
     def loss_sum(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(
-            logits.float().flatten(0, 1),
-            batch.labels.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
+        return next_token_loss_sum(logits, batch)

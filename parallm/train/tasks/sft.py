@@ -1,0 +1,182 @@
+"""Supervised fine-tuning on conversations: the loss counts only the assistant's tokens.
+
+Data: `.jsonl` rows with `messages` (OpenAI / Hugging Face chat format: `system`, `user`,
+`assistant`, `tool` roles) or with `prompt` and `completion` (strings, or message lists as TRL
+writes conversational prompt-completion data); `.parquet` files with the same columns. Each
+conversation is rendered with the model directory's own chat template; the assistant tokens are
+the template's `{% generation %}` blocks, or else what each assistant turn adds to the rendered
+conversation (`Tokenizer.assistant_spans`).
+
+Rows: with `task.packing` conversations are packed whole into rows of `data.seq_len + 1` tokens,
+each its own document (no attention across conversations, positions restart), the rest padded;
+otherwise one conversation per row, padded. A conversation longer than a row is cut to its first
+tokens (`task.overlong = "truncate"`) or left out (`"drop"`); both are counted in the log line,
+and so is a truncated conversation left with no assistant token (dropped).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from parallm.errors import UserError
+from parallm.models.attention import AttentionSpec
+from parallm.train.data import RowDataset
+from parallm.train.tasks import IGNORE_INDEX, Batch, Task, next_token_loss_sum, register_task
+
+ROLES = ("system", "user", "assistant", "tool")
+# Channels of a row: token ids, 1 where the token is the assistant's, document id, position.
+IDS, ASSISTANT, DOC, POS = range(4)
+
+
+def read_conversations(path: Path) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """(where, messages) for each conversation of a `.jsonl` or `.parquet` file."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow's ArrowInvalid for corrupt files
+            raise UserError(f"{path}: not a readable parquet file ({e})") from None
+        for i, row in enumerate(rows):
+            yield f"{path}: row {i}", to_messages(row, f"{path}: row {i}")
+        return
+    if path.suffix != ".jsonl":
+        raise UserError(f"{path}: sft reads .jsonl or .parquet conversations, not {path.suffix!r}")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: invalid JSON ({e.msg})") from None
+            yield where, to_messages(row, where)
+
+
+def to_messages(row: Any, where: str) -> list[dict[str, Any]]:
+    """A row's conversation as a message list; a UserError naming the row when it is not one."""
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: a conversation is a JSON object with 'messages' or 'prompt'")
+    if row.get("messages") is not None:
+        messages = row["messages"]
+    elif row.get("prompt") is not None and row.get("completion") is not None:
+        prompt, completion = row["prompt"], row["completion"]
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        if isinstance(completion, str):
+            completion = [{"role": "assistant", "content": completion}]
+        messages = list(prompt) + list(completion)
+    else:
+        raise UserError(f"{where}: no 'messages', nor 'prompt' and 'completion'")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise UserError(f"{where}: messages must be a list of objects with 'role' and 'content'")
+    for m in messages:
+        if m.get("role") not in ROLES:
+            raise UserError(
+                f"{where}: role {m.get('role')!r} is not valid; valid: {', '.join(ROLES)}"
+            )
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError(f"{where}: the conversation has no assistant turn to learn from")
+    return messages
+
+
+def tokenize_conversation(tokenizer, messages, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and a 0/1 assistant mask (a token is the assistant's when any of its
+    characters is in an assistant span, as `transformers`' assistant mask)."""
+    try:
+        text, spans = tokenizer.assistant_spans(messages)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    except Exception as e:  # a template that fails on this conversation (jinja errors)
+        raise UserError(f"{where}: chat template failed ({type(e).__name__}: {e})") from None
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    starts = np.array([o[0] for o in offsets], dtype=np.int64)
+    ends = np.array([o[1] for o in offsets], dtype=np.int64)
+    mask = np.zeros(len(ids), dtype=np.int64)
+    for lo, hi in spans:
+        mask |= (ends > lo) & (starts < hi)
+    return np.asarray(ids, dtype=np.int64), mask
+
+
+def pack_rows(
+    convs: list[tuple[np.ndarray, np.ndarray]], width: int, pad_id: int, *, packing: bool
+) -> np.ndarray:
+    """(N, 4, width) rows: conversations in order, whole, as many per row as fit (packing) or
+    one per row; padding is its own document with no assistant tokens."""
+    rows: list[list[tuple[np.ndarray, np.ndarray]]] = []
+    used = width  # start a new row first
+    for ids, mask in convs:
+        if not packing or used + len(ids) > width:
+            rows.append([])
+            used = 0
+        rows[-1].append((ids, mask))
+        used += len(ids)
+    out = np.zeros((len(rows), 4, width), dtype=np.int64)
+    out[:, IDS] = pad_id
+    for r, row in enumerate(rows):
+        at = 0
+        for doc, (ids, mask) in enumerate(row):
+            n = len(ids)
+            out[r, :, at : at + n] = (ids, mask, np.full(n, doc), np.arange(n))
+            at += n
+        out[r, DOC, at:] = len(row)  # padding: a document of its own
+        out[r, POS, at:] = np.arange(width - at)
+    return out
+
+
+@register_task
+class SFT(Task):
+    name = "sft"
+
+    def dataset(self, files: list[Path], data_cfg, *, seed: int) -> RowDataset:
+        tok = self.tokenizer
+        if tok is None:
+            raise UserError("task.name: 'sft' needs a tokenizer with a chat template")
+        tok.apply_chat_template([{"role": "user", "content": "x"}])  # no template: one error
+        width = data_cfg.seq_len + 1
+        convs, truncated, dropped, n = [], 0, 0, 0
+        for path in files:
+            for where, messages in read_conversations(path):
+                n += 1
+                ids, mask = tokenize_conversation(tok, messages, where)
+                if len(ids) > width:
+                    if self.cfg.overlong == "drop":
+                        dropped += 1
+                        continue
+                    ids, mask, truncated = ids[:width], mask[:width], truncated + 1
+                if not mask[1:].any():  # nothing left to learn (the assistant was cut off)
+                    dropped += 1
+                    continue
+                convs.append((ids, mask))
+        if not convs:
+            raise UserError(
+                f"data.paths: no conversation with an assistant token fits in data.seq_len + 1 "
+                f"= {width} tokens ({n} read, {dropped} dropped)"
+            )
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0
+        rows = pack_rows(convs, width, pad, packing=self.cfg.packing)
+        self.data_summary = (
+            f"sft: {n} conversations -> {len(rows)} rows of {width} tokens "
+            f"({'packed' if self.cfg.packing else 'padded'}); {truncated} truncated, {dropped} "
+            f"dropped (task.overlong={self.cfg.overlong!r}); "
+            f"{int(sum(m[1:].sum() for _, m in convs)):,} assistant tokens"
+        )
+        return RowDataset(rows, seed=seed, shuffle=data_cfg.shuffle)
+
+    def batch(self, rows: torch.Tensor) -> Batch:
+        ids, assistant, docs, pos = rows.unbind(1)  # each (B, T + 1)
+        # A label counts when the token predicted is the assistant's, in the same conversation.
+        counted = (assistant[:, 1:] == 1) & (docs[:, 1:] == docs[:, :-1])
+        labels = ids[:, 1:].masked_fill(~counted, IGNORE_INDEX)
+        attention = AttentionSpec.of_kind("document")
+        return Batch(ids[:, :-1], labels, pos[:, :-1], docs[:, :-1], attention)
+
+    def loss_sum(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return next_token_loss_sum(logits, batch)
