@@ -268,3 +268,23 @@ def test_sft_job_on_two_ranks_equals_one_process(data, tmp_path, sft_reference, 
     evals = [(g[1], r[1]) for g, r in zip(got, ref, strict=True) if r[1] is not None]
     torch.testing.assert_close(*map(list, zip(*evals, strict=True)), rtol=1e-5, atol=0)
     assert_weights_close(weights(tmp_path / "two" / "hf"), ref_weights)
+
+
+def test_parquet_conversations_in_both_layouts(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tok = Tokenizer.from_dir(tokenizer_dir(tmp_path / "tok", MARKED))
+    chats = [{"messages": conversation(i)} for i in range(6)]
+    pairs = [{"prompt": f"Say {i}.", "completion": f"{i}"} for i in range(4)]
+    pq.write_table(pa.Table.from_pylist(chats), tmp_path / "chats.parquet")
+    pq.write_table(pa.Table.from_pylist(pairs), tmp_path / "pairs.parquet")
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    cfg = load_config(JobConfig, None, ["--data.seq_len=255"]).data
+
+    def rows(*names: str):
+        task = make_task(TaskConfig(name="sft", packing=False), tokenizer=tok)
+        return task.dataset([tmp_path / n for n in names], cfg, seed=0).rows
+
+    assert len(rows("chats.parquet", "pairs.parquet")) == 10
+    np.testing.assert_array_equal(rows("pairs.parquet"), rows("pairs.jsonl"))

@@ -19,6 +19,7 @@ import os
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,32 +73,46 @@ def read_documents(path: Path, text_field: str) -> Iterator[str]:
         raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+def iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    """(`path:line`, value) for each non-blank line of a JSON Lines file; invalid JSON is a
+    UserError naming the line."""
     with path.open(encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield f"{path}:{lineno}", json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-                raise UserError(
-                    f"{path}:{lineno}: no string field {text_field!r} (set data.text_field to "
-                    "the field holding the text)"
-                )
-            yield row[text_field]
 
 
-def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
+def read_parquet(path: Path, columns: list[str] | None = None):
+    """A parquet file's table (`columns` only, when given); a UserError for a corrupt file."""
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path, columns=[text_field])
+        return pq.read_table(path, columns=columns)
     except (KeyError, ValueError) as e:
-        raise UserError(f"{path}: no column {text_field!r} ({e}); set data.text_field") from None
+        raise UserError(f"{path}: no column {', '.join(columns or [])!r} ({e})") from None
     except Exception as e:  # pyarrow's ArrowInvalid for corrupt files
         raise UserError(f"{path}: not a readable parquet file ({e})") from None
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    for where, row in iter_jsonl(path):
+        if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+            raise UserError(
+                f"{where}: no string field {text_field!r} (set data.text_field to "
+                "the field holding the text)"
+            )
+        yield row[text_field]
+
+
+def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
+    try:
+        table = read_parquet(path, [text_field])
+    except UserError as e:
+        raise UserError(f"{e}; set data.text_field") from None
     for value in table.column(text_field).to_pylist():
         if isinstance(value, str):
             yield value

@@ -16,7 +16,6 @@ and so is a truncated conversation left with no assistant token (dropped).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import torch
 
 from parallm.errors import UserError
 from parallm.models.attention import AttentionSpec
-from parallm.train.data import RowDataset
+from parallm.train.data import RowDataset, iter_jsonl, read_parquet
 from parallm.train.tasks import IGNORE_INDEX, Batch, Task, next_token_loss_sum, register_task
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -37,27 +36,13 @@ IDS, ASSISTANT, DOC, POS = range(4)
 def read_conversations(path: Path) -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """(where, messages) for each conversation of a `.jsonl` or `.parquet` file."""
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as e:  # pyarrow's ArrowInvalid for corrupt files
-            raise UserError(f"{path}: not a readable parquet file ({e})") from None
-        for i, row in enumerate(rows):
-            yield f"{path}: row {i}", to_messages(row, f"{path}: row {i}")
-        return
-    if path.suffix != ".jsonl":
+        rows = ((f"{path}: row {i}", row) for i, row in enumerate(read_parquet(path).to_pylist()))
+    elif path.suffix == ".jsonl":
+        rows = iter_jsonl(path)
+    else:
         raise UserError(f"{path}: sft reads .jsonl or .parquet conversations, not {path.suffix!r}")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: invalid JSON ({e.msg})") from None
-            yield where, to_messages(row, where)
+    for where, row in rows:
+        yield where, to_messages(row, where)
 
 
 def to_messages(row: Any, where: str) -> list[dict[str, Any]]:
