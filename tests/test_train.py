@@ -149,3 +149,25 @@ def test_checkpointing_and_compile_compute_the_same(corpus, tmp_path, option):
     assert a.keys() == b.keys()  # wrappers leave parameter names alone
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_trained_from_scratch_can_chat(corpus, tmp_path, capsys):
+    """The tokenizer parallm trains carries a chat template (rendered as `transformers` renders
+    it, assistant turns marked), so `generate --chat`, the chat API and SFT work on the model."""
+    transformers = pytest.importorskip("transformers")
+    from parallm.cli import main
+
+    Trainer(job(corpus, tmp_path / "run", "--train.steps=1")).fit()
+    hf = tmp_path / "run" / "hf"
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    ref = transformers.AutoTokenizer.from_pretrained(hf).apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    from parallm.tokenizer import Tokenizer
+    from parallm.train.tasks.sft import tokenize_conversation
+
+    ids, mask = tokenize_conversation(Tokenizer.from_dir(hf), messages, "row")
+    assert ids.tolist() == ref["input_ids"] and mask.tolist() == ref["assistant_masks"]
+    assert 0 < mask.sum() < len(mask)
+    argv = ["generate", "--model", str(hf), "--prompt", "Hi", "--chat", "--max-tokens", "4"]
+    assert main(argv) == 0

@@ -27,7 +27,12 @@ from parallm.inference.sampling import SamplingParams
 from parallm.models.build import canonical_name
 from parallm.models.hf import load_pretrained, read_args, save_state_dict
 from parallm.models.registry import family, family_of_args
-from parallm.tokenizer import Tokenizer, save_tokenizer_dir, train_bpe_tokenizer
+from parallm.tokenizer import (
+    DEFAULT_CHAT_TEMPLATE,
+    Tokenizer,
+    save_tokenizer_dir,
+    train_bpe_tokenizer,
+)
 from parallm.train import checkpoint as ckpt
 from parallm.train.data import PackedDataLoader, PackedDataset, RowDataset, find_files, iter_texts
 from parallm.train.layout import RankModel, build_rank_model
@@ -255,6 +260,8 @@ class Trainer:
             if self.rank == 0 and not (saved / "tokenizer.json").exists():
                 texts = iter_texts(files, cfg.data.text_field)
                 tok = train_bpe_tokenizer(texts, cfg.tokenizer.train_vocab_size)
+                # So that the model trained with it can chat (serve, generate --chat, SFT).
+                tok.config["chat_template"] = DEFAULT_CHAT_TEMPLATE
                 save_tokenizer_dir(tok, saved)
             if self.world > 1:
                 dist.barrier()
