@@ -76,6 +76,14 @@ class StepRunner:
         dp * cp ranks FSDP averages gradients over)."""
         return self.task.loss_sum(logits, batch) * self.loss_scale
 
+    def _forward_loss(self, batch: Batch) -> torch.Tensor:
+        """The one model part's forward on `batch` and its loss share (no pipeline)."""
+        with self._autocast_ctx():
+            logits = self.model.parts[0](
+                batch.input_ids, batch.position_ids, batch.document_ids, attention=batch.attention
+            )
+        return self._loss(logits, batch)
+
     def _pipeline_loss(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         # The schedule splits the target, the micro-batch's row indices, as it splits inputs.
         return self._loss(logits, self._pipeline_batch.select(rows))
@@ -129,14 +137,7 @@ class StepRunner:
                 # ZeRO-1: keep full gradients over accumulation, reduce-scatter once per step.
                 self.model.parts[0].set_requires_gradient_sync(last)
             with self._loss_ctx():
-                with self._autocast_ctx():
-                    logits = self.model.parts[0](
-                        batch.input_ids,
-                        batch.position_ids,
-                        batch.document_ids,
-                        attention=batch.attention,
-                    )
-                loss = self._loss(logits, batch)
+                loss = self._forward_loss(batch)
                 loss.backward()
             total += _value(loss.detach())
         if self.tied_sync is not None:
@@ -154,14 +155,8 @@ class StepRunner:
             if self.schedule is not None:
                 total += self._pipeline_micro_batch(batch, train=False)
                 continue
-            with self._loss_ctx(), self._autocast_ctx():
-                logits = self.model.parts[0](
-                    batch.input_ids,
-                    batch.position_ids,
-                    batch.document_ids,
-                    attention=batch.attention,
-                )
-                total += _value(self._loss(logits, batch))
+            with self._loss_ctx():
+                total += _value(self._forward_loss(batch))
         return self._global_mean(total), count
 
     def _pipeline_micro_batch(self, batch: Batch, *, train: bool = True) -> torch.Tensor:
