@@ -281,6 +281,8 @@ class GenerateConfig:
 
 TASK_ATTENTION = ("causal", "document")
 OVERLONG = ("truncate", "drop")
+DPO_LOSSES = ("sigmoid", "ipo", "simpo")
+FROZEN_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(kw_only=True)
@@ -293,12 +295,17 @@ class TaskConfig:
     sft: `packing` puts many conversations in a row (per-document attention, positions restart)
     or, when false, one per row padded to `data.seq_len + 1`; a conversation longer than that is
     cut to its first tokens (`overlong = "truncate"`) or left out (`"drop"`), and counted.
+    dpo: preference pairs (`prompt`, `chosen`, `rejected`); `loss` is `sigmoid` (DPO), `ipo`,
+    or `simpo` (reference-free, length-normalised, with margin `simpo_gamma`); `beta` as in TRL.
     """
 
     name: str = "pretrain"
     attention: str = "causal"
     packing: bool = True
     overlong: str = "truncate"
+    loss: str = "sigmoid"
+    beta: float = 0.1
+    simpo_gamma: float = 0.5
 
     def __post_init__(self) -> None:
         from parallm.train.tasks import task_names
@@ -317,6 +324,63 @@ class TaskConfig:
             self.overlong,
             f"valid: {', '.join(OVERLONG)}",
         )
+        _check(self.loss in DPO_LOSSES, "task.loss", self.loss, f"valid: {', '.join(DPO_LOSSES)}")
+        _check(self.beta > 0, "task.beta", self.beta, "must be > 0")
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    """Low-rank adapters (`[lora]`; r = 0: off, every parameter trains). Field names and defaults
+    follow peft's `LoraConfig`: `target_modules` are module names or suffixes (`q_proj`), or
+    "all-linear"; `modules_to_save` train whole (e.g. `lm_head`). `base_dtype = "bfloat16"`
+    keeps the frozen base in bf16 (the step then runs under bf16 autocast). `init_from`: a PEFT
+    adapter directory to start from instead of a fresh adapter."""
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    modules_to_save: list[str] = field(default_factory=list)
+    use_rslora: bool = False
+    base_dtype: str = "float32"
+    init_from: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 0, "lora.r", self.r, "must be >= 0 (0: no LoRA, full fine-tuning)")
+        _check(self.alpha > 0, "lora.alpha", self.alpha, "must be > 0")
+        _check(0 <= self.dropout < 1, "lora.dropout", self.dropout, "must be in [0, 1)")
+        _check(
+            bool(self.target_modules),
+            "lora.target_modules",
+            self.target_modules,
+            "must name at least one module",
+        )
+        _check(
+            self.base_dtype in FROZEN_DTYPES,
+            "lora.base_dtype",
+            self.base_dtype,
+            f"valid: {', '.join(FROZEN_DTYPES)}",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+    def spec(self):
+        """The adapter this section describes (`models.lora.LoraSpec`); None when off."""
+        from parallm.models.lora import ALL_LINEAR, LoraSpec
+
+        if not self.enabled:
+            return None
+        targets = self.target_modules
+        return LoraSpec(
+            r=self.r,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            target_modules=ALL_LINEAR if targets == [ALL_LINEAR] else tuple(targets),
+            modules_to_save=tuple(self.modules_to_save),
+            use_rslora=self.use_rslora,
+        )
 
 
 @dataclass(kw_only=True)
@@ -327,6 +391,7 @@ class JobConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from parallm.config import JobConfig, load_config
 from parallm.models.hf import load_pretrained
@@ -55,6 +56,15 @@ class SparseLabels(Pretrain):
 
 # The masked job: the sparse labels above, packed documents that do not see each other.
 MASKED = ("--task.name=test_sparse_labels", "--task.attention=document")
+
+
+# LoRA on column- and row-parallel layers (q, v, gate / o, down), and a module trained whole
+# (the final norm: replicated under tensor parallelism, on the last pipeline stage).
+LORA = (
+    "--lora.r=4",
+    "--lora.target_modules=q_proj,v_proj,o_proj,gate_proj,down_proj",
+    "--lora.modules_to_save=norm",
+)
 
 
 def job(data: Path, tokenizer: Path, out: Path, *extra: str) -> JobConfig:
@@ -107,8 +117,11 @@ def train_worker(
     return records if rank == 0 else None
 
 
-def weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    return load_pretrained(hf_dir).state_dict()
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    """What a run trained: the exported model, or the adapter of a LoRA run."""
+    if (out / "adapter").exists():
+        return load_file(out / "adapter" / "adapter_model.safetensors")
+    return load_pretrained(out / "hf").state_dict()
 
 
 def assert_weights_close(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:

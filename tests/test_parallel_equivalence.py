@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from parallel_jobs import MASKED, assert_weights_close, job, make_corpus, train_worker, weights
+from parallel_jobs import (
+    LORA,
+    MASKED,
+    assert_weights_close,
+    job,
+    make_corpus,
+    train_worker,
+    weights,
+)
 
 from parallm.testing.distributed import run_distributed
 from parallm.train.trainer import Trainer
@@ -45,7 +53,7 @@ LAYOUTS = {
 def _reference(root, *extra: str):
     data, tok = make_corpus(root)
     records = Trainer(job(data, tok, root / "single", *extra)).fit()
-    return data, tok, records, weights(root / "single" / "hf"), extra
+    return data, tok, records, weights(root / "single"), extra
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +79,18 @@ def test_masked_layout_equals_single_process(name, masked_reference, tmp_path):
     _check_layout(name, masked_reference, tmp_path)
 
 
+@pytest.fixture(scope="module")
+def lora_reference(tmp_path_factory):
+    """LoRA: frozen base, adapters on column- and row-parallel layers, a module saved whole."""
+    return _reference(tmp_path_factory.mktemp("lora"), *LORA)
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_lora_layout_equals_single_process(name, lora_reference, tmp_path):
+    """The adapter trains to the single-process losses and adapter weights on every layout."""
+    _check_layout(name, lora_reference, tmp_path)
+
+
 def _check_layout(name, reference, tmp_path):
     data, tok, ref_records, ref_weights, job_extra = reference
     world, extra = LAYOUTS[name]
@@ -91,4 +111,4 @@ def _check_layout(name, reference, tmp_path):
     torch.testing.assert_close(
         [r["grad_norm"] for r in records], [r["grad_norm"] for r in ref_records], rtol=1e-4, atol=0
     )
-    assert_weights_close(weights(out / "hf"), ref_weights)
+    assert_weights_close(weights(out), ref_weights)

@@ -229,7 +229,7 @@ def _train(rank: int, world: int, data_dir, tok, out, extra):
 def sft_reference(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("sft_one")
     records = _train(0, 1, *data, out, ())
-    return records, weights(out / "hf")
+    return records, weights(out)
 
 
 def test_eval_loss_is_the_held_out_mean(data, tmp_path, sft_reference):
@@ -267,7 +267,7 @@ def test_sft_job_on_two_ranks_equals_one_process(data, tmp_path, sft_reference, 
     torch.testing.assert_close([r[0] for r in got], [r[0] for r in ref], rtol=1e-5, atol=0)
     evals = [(g[1], r[1]) for g, r in zip(got, ref, strict=True) if r[1] is not None]
     torch.testing.assert_close(*map(list, zip(*evals, strict=True)), rtol=1e-5, atol=0)
-    assert_weights_close(weights(tmp_path / "two" / "hf"), ref_weights)
+    assert_weights_close(weights(tmp_path / "two"), ref_weights)
 
 
 def test_parquet_conversations_in_both_layouts(tmp_path):

@@ -61,7 +61,7 @@ def test_accumulation_with_uneven_masks_equals_one_batch(corpus, tmp_path):
     torch.testing.assert_close(
         [r["loss"] for r in got], [r["loss"] for r in ref], rtol=1e-5, atol=0
     )
-    assert_weights_close(weights(tmp_path / "many" / "hf"), weights(tmp_path / "one" / "hf"))
+    assert_weights_close(weights(tmp_path / "many"), weights(tmp_path / "one"))
 
 
 def test_batch_rows_and_tokens():
@@ -126,4 +126,4 @@ def test_held_out_loss_under_pipeline_schedules(corpus, tmp_path, schedule):
     torch.testing.assert_close(
         flat, [x for pair in ref for x in pair if x is not None], rtol=1e-5, atol=0
     )
-    assert_weights_close(weights(tmp_path / "pp" / "hf"), weights(tmp_path / "one" / "hf"))
+    assert_weights_close(weights(tmp_path / "pp"), weights(tmp_path / "one"))

@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -34,7 +34,9 @@ from torch.distributed.tensor.parallel import (
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from parallm.config import AC_MODES
+from parallm.errors import UserError
 from parallm.models.build import tie_weights
+from parallm.models.lora import LoraLinear
 from parallm.models.plan import TP, ParallelPlan
 from parallm.models.registry import family_of_model
 
@@ -84,7 +86,9 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, loss_parallel: bool = Tru
     plan = spec.plan
     # Activations between modules stay DTensors with the global (B, T, dim) shape, so the model
     # computes positions and RoPE for all T tokens; only stage boundaries hold local shards.
-    top = {n: _style(plan.top[n], loss_parallel=loss_parallel) for n in _present(model, plan.top)}
+    top = {}
+    for name in _present(model, plan.top):
+        top.update(_styles_for(model, name, plan.top[name], tp_mesh, loss_parallel=loss_parallel))
     parallelize_module(model, tp_mesh, top)
     _prepare_stage_boundaries(model, plan, tp_mesh)
     tie_weights(model)  # both halves shard alike, so one parameter still serves
@@ -97,8 +101,41 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, loss_parallel: bool = Tru
                 input_layouts=(Shard(1), *rest), desired_input_layouts=(Replicate(), *rest)
             )
         for name in _present(block, plan.block):
-            styles[name] = _style(plan.block[name], loss_parallel=loss_parallel)
+            style = plan.block[name]
+            styles.update(_styles_for(block, name, style, tp_mesh, loss_parallel=loss_parallel))
         parallelize_module(block, tp_mesh, styles)
+
+
+# LoRA under tensor parallelism: the adapter is laid out like its base. Column-parallel base
+# (output features sharded): A (r, in) replicated, B (out, r) sharded on its output rows, so the
+# delta comes out sharded like the base output. Row-parallel base (input features sharded): A
+# sharded on its input columns, B replicated; the delta is a partial sum reduced like the base's.
+_LORA_LAYOUT = {
+    TP.COLWISE: (Replicate(), Shard(0), Replicate()),  # A, B, layout of a plain input
+    TP.ROWWISE: (Shard(1), Replicate(), Shard(-1)),
+}
+
+
+def _styles_for(
+    parent: nn.Module, name: str, tp: TP, tp_mesh: DeviceMesh, *, loss_parallel: bool
+) -> dict[str, ParallelStyle]:
+    """The styles for the module `name` of `parent`: itself, or the base of a LoRA layer (whose
+    adapter is sharded here to match)."""
+    module = parent.get_submodule(name)
+    if not isinstance(module, LoraLinear):
+        return {name: _style(tp, loss_parallel=loss_parallel)}
+    if tp not in _LORA_LAYOUT:
+        raise UserError(
+            f"lora.target_modules: {name} is sharded over the vocabulary under tensor "
+            "parallelism, which LoRA does not support; leave it out of target_modules (or "
+            "train it whole with lora.modules_to_save)"
+        )
+    a, b, plain_input = _LORA_LAYOUT[tp]
+    for part, placement in ((module.lora_A, a), (module.lora_B, b)):
+        weight = distribute_tensor(part.weight, tp_mesh, [placement], src_data_rank=None)
+        part.weight = nn.Parameter(weight, requires_grad=part.weight.requires_grad)
+    module.tp_input = (tp_mesh, plain_input)
+    return {f"{name}.base_layer": _style(tp, loss_parallel=loss_parallel)}
 
 
 def _prepare_stage_boundaries(model: nn.Module, plan: ParallelPlan, tp_mesh: DeviceMesh) -> None:

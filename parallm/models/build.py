@@ -12,14 +12,18 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from parallm.models import lora
 from parallm.models.registry import family_of_model
 
 Fill = Callable[[torch.Tensor, torch.Tensor], None]
 
 
 def canonical_name(name: str) -> str:
-    """A parameter's name without wrapper prefixes (activation checkpointing, compile)."""
-    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+    """A parameter's name without wrapper prefixes (activation checkpointing, compile, and a LoRA
+    layer's `base_layer`, so base weights keep their names)."""
+    for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod.", "base_layer."):
+        name = name.replace(wrapper, "")
+    return name
 
 
 def value_source(model: nn.Module, name: str) -> str:
@@ -64,15 +68,21 @@ def copy_local_shard(param: torch.Tensor, full: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def init_weights(model: nn.Module, seed: int, *, fill: Fill = copy_local_shard) -> None:
+def init_weights(
+    model: nn.Module, seed: int, *, fill: Fill = copy_local_shard, adapters_only: bool = False
+) -> None:
     """Fresh values for training from scratch: each parameter's full value is the family's
-    `initial_value` of (seed, name), so a pipeline stage or a sharded copy gets exactly the
-    values of the whole model; `fill(param, full)` keeps the local part."""
+    `initial_value` of (seed, name) (LoRA adapters: `lora.initial_value`), so a pipeline stage
+    or a sharded copy gets exactly the values of the whole model; `fill(param, full)` keeps the
+    local part. `adapters_only`: just the LoRA adapters (the base came from a checkpoint)."""
     spec = family_of_model(model)
     for name, param in model.named_parameters():
         source = value_source(model, name)
-        # A DTensor reports its global shape.
-        fill(param, spec.initial_value(source, tuple(param.shape), model.args, seed))
+        shape = tuple(param.shape)  # a DTensor reports its global shape
+        if lora.is_lora_param(source):
+            fill(param, lora.initial_value(source, shape, seed))
+        elif not adapters_only:
+            fill(param, spec.initial_value(source, shape, model.args, seed))
 
 
 def materialize(model: nn.Module, device: torch.device | str) -> None:

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from parallm.errors import UserError
 from parallm.models.build import canonical_name, tie_weights, value_source
+from parallm.models.lora import is_lora_param
 from parallm.models.registry import FamilySpec, family_of_args, family_of_config
 from parallm.utils.fs import atomic_dir, read_json
 
@@ -159,6 +160,8 @@ def load_weights_into(
     expected = _expected_shapes(spec, model.args)
     _check_complete(d, expected, files)
     for name, param in model.named_parameters():
+        if is_lora_param(name):  # adapters are not part of the base checkpoint
+            continue
         key = spec.hf.hf_key(value_source(model, name))
         with _open(files[key], "cpu") as handle:
             fill(param, _get_tensor(handle, files[key], key, expected[key]).float())

@@ -20,6 +20,7 @@ from parallm.distributed import parallelize, pipeline
 from parallm.distributed.parallel_dims import ParallelDims
 from parallm.models import hf
 from parallm.models.build import copy_local_shard, init_weights, materialize
+from parallm.models.lora import LoraSpec, apply_lora, fill_adapter, freeze_base
 from parallm.models.registry import family_of_args
 
 
@@ -53,8 +54,15 @@ def build_rank_model(
     seed: int,
     hf_path: str | Path | None = None,
     param_dtype: torch.dtype | None = None,
+    lora: LoraSpec | None = None,
+    adapter: dict[str, torch.Tensor] | None = None,
+    frozen_dtype: torch.dtype | None = None,
 ) -> RankModel:
-    """This rank's model parts, parallelized and filled (init from `seed`, or `hf_path`)."""
+    """This rank's model parts, parallelized and filled (init from `seed`, or `hf_path`).
+
+    With `lora`, the targeted layers get adapters (initialised from `seed`, or `adapter`: full
+    tensors by parallm name) and everything else is frozen, kept in `frozen_dtype` if given.
+    """
     spec = family_of_args(args)
     if dims.pp > 1:
         per_rank = pipeline.stages_per_rank(pcfg.pp_schedule, pcfg.pp_virtual_stages)
@@ -70,21 +78,36 @@ def build_rank_model(
         n_stages, ids = 1, [0]
         parts = [spec.build(args)]
     for part in parts:
-        _parallelize(part, pcfg, dims, param_dtype)
+        if lora is not None:
+            apply_lora(part, lora)
+            if frozen_dtype is not None:
+                for p in part.parameters():
+                    if not p.requires_grad:
+                        p.data = p.data.to(frozen_dtype)
+        _parallelize(part, pcfg, dims, param_dtype, lora)
         materialize(part, device)
         if hf_path is None:
             init_weights(part, seed)
         else:
             hf.load_weights_into(part, hf_path, fill=copy_local_shard)
+            init_weights(part, seed, adapters_only=True)
+        if adapter is not None:
+            fill_adapter(part, adapter, fill=copy_local_shard)
         part.train()
     return RankModel(parts=parts, stage_ids=ids, n_stages=n_stages)
 
 
 def _parallelize(
-    part: nn.Module, pcfg: ParallelConfig, dims: ParallelDims, param_dtype: torch.dtype | None
+    part: nn.Module,
+    pcfg: ParallelConfig,
+    dims: ParallelDims,
+    param_dtype: torch.dtype | None,
+    lora: LoraSpec | None,
 ) -> None:
     if dims.tp > 1:
         parallelize.apply_tp(part, dims.mesh["tp"])
+        if lora is not None:
+            freeze_base(part, lora)
     if dims.cp > 1:
         from parallm.distributed import context_parallel as cp
 

@@ -140,9 +140,21 @@ class StepRunner:
                 loss = self._forward_loss(batch)
                 loss.backward()
             total += _value(loss.detach())
+        self._settle_grads()
         if self.tied_sync is not None:
             self.tied_sync()
         return self._global_mean(total)
+
+    def _settle_grads(self) -> None:
+        """Give each tensor-parallel gradient its parameter's layout. A replicated weight used on
+        sharded activations (a LoRA A before a column-sharded B, a B after a row-sharded A) gets
+        a partial-sum gradient from DTensor; the optimizer must see the sum."""
+        if self.dims.tp == 1 or self.dims.fsdp_enabled:  # FSDP reduces to its own layout
+            return
+        for p in self.model.parameters():
+            g = p.grad
+            if isinstance(g, DTensor) and g.placements != p.placements:
+                p.grad = g.redistribute(p.device_mesh, p.placements)
 
     @torch.no_grad()
     def evaluate(self, micro_batches: list[Batch]) -> tuple[float, float]:

@@ -24,8 +24,10 @@ from parallm.distributed.parallel_dims import ParallelDims
 from parallm.errors import UserError
 from parallm.generate import generate
 from parallm.inference.sampling import SamplingParams
+from parallm.models import lora
 from parallm.models.build import canonical_name
 from parallm.models.hf import load_pretrained, read_args, save_state_dict
+from parallm.models.peft_format import Adapter, merge_adapter, read_adapter, save_adapter
 from parallm.models.registry import family, family_of_args
 from parallm.tokenizer import (
     DEFAULT_CHAT_TEMPLATE,
@@ -116,9 +118,12 @@ class Trainer:
                 args.pad_token_id = self.tokenizer.pad_token_id
         self._validate(args)
         self.args = args
+        self.lora = cfg.lora.spec()
+        adapter = self._lora_start(args)
         if self.world > 1:
             self.dims.build_mesh(self.device.type)
         fsdp_bf16 = self._wants_bf16() and self.dims.fsdp_enabled
+        frozen_bf16 = self.lora is not None and cfg.lora.base_dtype == "bfloat16"
         self.model = build_rank_model(
             args,
             p,
@@ -127,6 +132,9 @@ class Trainer:
             seed=t.seed,
             hf_path=cfg.model.path,
             param_dtype=torch.bfloat16 if fsdp_bf16 else None,
+            lora=self.lora,
+            adapter=adapter.tensors if adapter is not None else None,
+            frozen_dtype=torch.bfloat16 if frozen_bf16 else None,
         )
         self.optimizer = Optimizers(
             self.model.parts, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.eps
@@ -142,7 +150,8 @@ class Trainer:
                     f"samples, fewer than one batch of train.batch_size={t.batch_size}"
                 )
         self.data = self._loader(dataset)
-        autocast = torch.bfloat16 if self._wants_bf16() and not fsdp_bf16 else None
+        bf16 = (self._wants_bf16() and not fsdp_bf16) or frozen_bf16
+        autocast = torch.bfloat16 if bf16 else None
         self.runner = StepRunner(
             self.model, self.dims, p, self.task, device=self.device, autocast=autocast
         )
@@ -220,6 +229,21 @@ class Trainer:
                     f"train.micro_batch_size={t.micro_batch_size} (each micro-batch is one "
                     "pipeline step)"
                 )
+
+    def _lora_start(self, args) -> Adapter | None:
+        """Check `[lora]` against the model (on `meta`); the adapter to start from, if any."""
+        if self.lora is None:
+            return None
+        lora.check_targets(family_of_args(args).build(args), self.lora)
+        if self.cfg.lora.init_from is None:
+            return None
+        adapter = read_adapter(self.cfg.lora.init_from, args, field="lora.init_from")
+        if adapter.spec.r != self.lora.r:
+            raise UserError(
+                f"lora.init_from: the adapter in {self.cfg.lora.init_from} has rank "
+                f"{adapter.spec.r}, but lora.r is {self.lora.r}; set lora.r = {adapter.spec.r}"
+            )
+        return adapter
 
     def _loader(self, dataset: PackedDataset | RowDataset) -> PackedDataLoader:
         t = self.cfg.train
@@ -397,7 +421,10 @@ class Trainer:
             if log is not None:
                 log.close()
         if self.step == cfg.train.steps and cfg.checkpoint.export_hf:
-            self.export(self.out / "hf")
+            if self.lora is not None:
+                self.export_adapter(self.out / "adapter")
+            else:
+                self.export(self.out / "hf")
         return records
 
     def save_checkpoint(self) -> Path:
@@ -410,12 +437,17 @@ class Trainer:
             keep=self.cfg.checkpoint.keep,
         )
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Every parameter, gathered from all shards and stages; on rank 0 (None elsewhere)."""
+    def full_state_dict(self, *, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
+        """Every parameter (or only those that train: a LoRA adapter and its saved modules),
+        gathered from all shards and stages; on rank 0 (None elsewhere)."""
         leader = self.dims.coordinate("dp_cp") == 0 and self.dims.coordinate("tp") == 0
         mine: dict[str, torch.Tensor] = {}
         for part in self.model.parts:
-            for name, tensor in part.state_dict().items():
+            if trainable_only:
+                items = [(n, p) for n, p in part.named_parameters() if p.requires_grad]
+            else:
+                items = list(part.state_dict().items())
+            for name, tensor in items:
                 full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
                 if leader:
                     mine[canonical_name(name)] = full.detach().to("cpu", copy=True)
@@ -439,6 +471,18 @@ class Trainer:
             dist.barrier()
         return path
 
+    def export_adapter(self, path: Path) -> Path:
+        """Write the LoRA adapter (and saved modules) as a peft directory (rank 0 writes)."""
+        tensors = self.full_state_dict(trainable_only=True)
+        if tensors is not None:
+            adapter = Adapter(spec=self.lora, tensors=tensors, base_model=self.cfg.model.path)
+            save_adapter(adapter, self.args, path)
+            if self.tokenizer is not None:
+                self.tokenizer.save(path)
+        if self.world > 1:
+            dist.barrier()
+        return path
+
     def sample(self) -> str:
         """Generate a sample from `[generate]` settings with the exported weights (rank 0)."""
         g = self.cfg.generate
@@ -451,6 +495,11 @@ class Trainer:
         )
         if self.world == 1:
             model = self.model.parts[0]
+        elif self.lora is not None:
+            model = load_pretrained(self.cfg.model.path, device=self.device)
+            adapter = read_adapter(self.out / "adapter", self.args)
+            merged = merge_adapter(model.state_dict(), adapter)
+            model.load_state_dict(merged)
         else:
             model = load_pretrained(self.out / "hf", device=self.device)
         prompt = self.tokenizer.encode(g.prompt)
