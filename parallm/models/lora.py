@@ -60,12 +60,23 @@ class LoraSpec:
             if self.target_modules == ALL_LINEAR:
                 hit = name not in head
             elif isinstance(self.target_modules, str):
-                hit = re.fullmatch(self.target_modules, name) is not None
+                hit = any(re.fullmatch(self.target_modules, n) for n in _match_names(model, name))
             else:
                 hit = any(name == t or name.endswith(f".{t}") for t in self.target_modules)
             if hit:
                 names.append(name)
         return names
+
+
+def _match_names(model: nn.Module, name: str) -> tuple[str, ...]:
+    """The names a regular expression in `target_modules` may match: parallm's, and the Hugging
+    Face one (`model.layers.0.self_attn.q_proj`) that peft matched when it made the adapter."""
+    args = getattr(model, "args", None)
+    if args is None:
+        return (name,)
+    from parallm.models.registry import family_of_args
+
+    return name, family_of_args(args).hf.hf_key(f"{name}.weight").removesuffix(".weight")
 
 
 def _output_head_names(model: nn.Module) -> set[str]:
