@@ -43,6 +43,14 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     return subprocess.run(torchrun_argv(args.nproc, "parallm.train", argv)).returncode
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from parallm.merge import merge
+
+    out = merge(args.model, args.adapter, args.out, force=args.force)
+    print(f"saved merged model {out}")
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from parallm.inference.llm import LLM
     from parallm.inference.sampling import SamplingParams
@@ -183,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--tensor-parallel-size", type=int, default=1, help="processes sharing the model"
     )
+    merge = sub.add_parser(
+        "merge", help="fold a LoRA adapter (peft format) into its base model: a new HF directory"
+    )
+    merge.add_argument("--model", required=True, help="base model directory (HF format)")
+    merge.add_argument("--adapter", required=True, help="LoRA adapter directory (peft format)")
+    merge.add_argument("--out", required=True, help="directory to write the merged model to")
+    merge.add_argument("--force", action="store_true", help="replace --out if it is not empty")
     plan = sub.add_parser(
         "plan",
         help="predict memory and communication per layout; recommend the fastest that fits",
@@ -274,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "plan":
             return _plan(args)
+        if args.command == "merge":
+            return _merge(args)
         if args.command == "keys":
             return _keys(args)
         if args.command == "serve":

@@ -4,13 +4,16 @@ bad adapter is one line naming what is wrong, before anything is written or laun
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from hf_models import CODE_TEXTS, save_hf_model, save_hf_model_with_tokenizer
 
+from parallm.cli import main
 from parallm.config import JobConfig, load_config
 from parallm.models.build import canonical_name, copy_local_shard
 from parallm.models.hf import load_pretrained
@@ -222,3 +225,155 @@ def test_frozen_base_in_bfloat16_trains_like_float32(tmp_path):
     u = 2.0**-9
     for ref, got in zip(losses["float32"], losses["bfloat16"], strict=True):
         assert abs(got - ref) <= u * ref, losses
+
+
+# -- parallm merge -----------------------------------------------------------------------------
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what building the fixtures printed (transformers' progress bars)
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_merge_writes_a_model_transformers_loads(capsys, tmp_path):
+    base, adapter, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    _, tok = save_hf_model_with_tokenizer("qwen3", base)
+    theirs = _peft_adapter(base, adapter, modules_to_save=["lm_head"])
+    code, stdout, err = _cli(capsys, "merge", "--model", base, "--adapter", adapter, "--out", out)
+    assert code == 0, err
+    assert str(out) in stdout
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = _ids(tok.vocab_size, seed=5)
+    torch.testing.assert_close(_logits(merged, ids), _logits(theirs, ids), atol=ATOL, rtol=ATOL)
+    assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
+    assert not list(tmp_path.glob(".merged*"))  # no temporary directory left behind
+
+    code, stdout, err = _cli(
+        capsys, "generate", "--model", out, "--prompt", "def add", "--max-tokens", "6"
+    )
+    assert code == 0, err
+    assert stdout.endswith("\n")  # generated text streamed, then the closing newline
+
+    # An existing directory is replaced only when asked, and never the base or the adapter.
+    code, _, err = _cli(capsys, "merge", "--model", base, "--adapter", adapter, "--out", out)
+    assert_one_line_error(code, err, "--out", "not empty", "--force")
+    for d in (base, adapter):
+        code, _, err = _cli(
+            capsys, "merge", "--model", base, "--adapter", adapter, "--out", d, "--force"
+        )
+        assert_one_line_error(code, err, "--out", "directory; choose a new one")
+    (out / "stale.txt").write_text("old")
+    argv = ("merge", "--model", base, "--adapter", adapter, "--out", out, "--force")
+    assert _cli(capsys, *argv)[0] == 0
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_merge_failing_midway_leaves_nothing(capsys, tmp_path, monkeypatch):
+    from parallm import merge as merge_module
+
+    save_hf_model("llama3", tmp_path / "base")
+    _peft_adapter(tmp_path / "base", tmp_path / "adapter")
+
+    def disk_full(self, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(merge_module._CopiedFiles, "save", disk_full)
+    argv = ("merge", "--model", tmp_path / "base", "--adapter", tmp_path / "adapter")
+    code, _, err = _cli(capsys, *argv, "--out", tmp_path / "merged")
+    assert_one_line_error(code, err, "--out", "No space left")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("parallm: error:"), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory) -> dict[str, Path]:
+    """A base model, a peft adapter for it, and adapters for two other bases: a smaller hidden
+    size, and four blocks instead of three."""
+    root = tmp_path_factory.mktemp("bad")
+    save_hf_model("llama3", root / "base")
+    _peft_adapter(root / "base", root / "adapter")
+    save_hf_model("llama3", root / "narrow", hidden_size=32, num_attention_heads=4)
+    _peft_adapter(root / "narrow", root / "narrow_adapter")
+    save_hf_model("llama3", root / "deep", num_hidden_layers=4)
+    _peft_adapter(root / "deep", root / "deep_adapter")
+    return {d.name: d for d in root.iterdir()}
+
+
+def _merge(capsys, tmp_path: Path, dirs: dict[str, Path], adapter: Path) -> str:
+    out = tmp_path / "merged"
+    code, _, err = _cli(
+        capsys, "merge", "--model", dirs["base"], "--adapter", adapter, "--out", out
+    )
+    assert not out.exists() and not list(tmp_path.glob(".merged*"))
+    assert code == 2, err
+    return err
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_adapter_for_another_hidden_size(capsys, tmp_path, dirs):
+    err = _merge(capsys, tmp_path, dirs, dirs["narrow_adapter"])
+    assert_one_line_error(
+        2,
+        err,
+        "--adapter: layers.0.mlp.down_proj.lora_B.weight has shape [32, 4]: 32 output features",
+        "base model's layers.0.mlp.down_proj has 64",
+        "made for another base model",
+    )
+
+
+def test_adapter_for_more_layers(capsys, tmp_path, dirs):
+    err = _merge(capsys, tmp_path, dirs, dirs["deep_adapter"])
+    assert_one_line_error(2, err, "--adapter:", "layers.3.", "base model does not have")
+
+
+def test_weights_disagree_with_the_configs_rank(capsys, tmp_path, dirs):
+    adapter = _copy(dirs["adapter"], tmp_path / "adapter")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["r"] = 8
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    err = _merge(capsys, tmp_path, dirs, adapter)
+    assert_one_line_error(2, err, "--adapter:", "rank 4", "r=8", "disagree")
+
+
+def test_not_an_adapter_directory(capsys, tmp_path, dirs):
+    err = _merge(capsys, tmp_path, dirs, dirs["base"])
+    assert_one_line_error(2, err, "--adapter:", "not a LoRA adapter directory", "adapter_config")
+
+
+def test_truncated_adapter_weights(capsys, tmp_path, dirs):
+    adapter = _copy(dirs["adapter"], tmp_path / "adapter")
+    f = adapter / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:200])
+    err = _merge(capsys, tmp_path, dirs, adapter)
+    assert_one_line_error(2, err, "--adapter:", "adapter_model.safetensors", "truncated")
+
+
+def test_adapter_with_unsupported_peft_options(capsys, tmp_path, dirs):
+    adapter = _copy(dirs["adapter"], tmp_path / "adapter")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["layers_to_transform"] = [0, 1]
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    err = _merge(capsys, tmp_path, dirs, adapter)
+    assert_one_line_error(2, err, "--adapter:", "layers_to_transform", "plain LoRA")
+
+
+def test_adapter_on_an_embedding(capsys, tmp_path, dirs):
+    _peft_adapter(dirs["base"], tmp_path / "adapter", target_modules=["q_proj", "embed_tokens"])
+    err = _merge(capsys, tmp_path, dirs, tmp_path / "adapter")
+    assert_one_line_error(2, err, "--adapter:", "embed_tokens.lora_embedding_A", "linear layers")
