@@ -28,19 +28,35 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
 
     if args.nproc < 1:
         raise UserError(f"--nproc: {args.nproc} is not valid; must be >= 1")
+    from parallm.config import JobConfig, load_config
+
+    cfg = load_config(JobConfig, args.job, overrides)
+    _check_lora(cfg)
     if args.nproc == 1:
         return run(args.job, overrides, resume=args.resume)
     import subprocess
 
-    from parallm.config import JobConfig, load_config
     from parallm.distributed.launch import torchrun_argv
     from parallm.distributed.parallel_dims import ParallelDims
 
     # Catch what needs no model or data before starting N processes: one line, not N.
-    ParallelDims.from_config(load_config(JobConfig, args.job, overrides).parallel, args.nproc)
+    ParallelDims.from_config(cfg.parallel, args.nproc)
     argv = [args.job, *(["--resume"] if args.resume else []), *overrides]
     # torchrun stops every rank when one fails; the failing rank has printed its own error.
     return subprocess.run(torchrun_argv(args.nproc, "parallm.train", argv)).returncode
+
+
+def _check_lora(cfg) -> None:
+    """`[lora]` against the model (built on `meta`) and the adapter it starts from, before any
+    data is read or process started. The vocabulary is the tokenizer's, read later; which
+    layers an adapter targets does not depend on it."""
+    if not cfg.lora.enabled:
+        return
+    from parallm.models.peft_format import start_adapter
+    from parallm.train.trainer import model_args_from_config
+
+    args = model_args_from_config(cfg, cfg.model.vocab_size or 1)
+    start_adapter(cfg.lora.spec(), args, cfg.lora.init_from)
 
 
 def _merge(args: argparse.Namespace) -> int:

@@ -373,6 +373,108 @@ def test_adapter_with_unsupported_peft_options(capsys, tmp_path, dirs):
     assert_one_line_error(2, err, "--adapter:", "layers_to_transform", "plain LoRA")
 
 
+def _train(capsys, tmp_path: Path, *overrides: str, nproc: int = 1) -> str:
+    """`parallm train` with a job on `--model.path`: it must fail before launching anything."""
+    job = tmp_path / "job.toml"
+    job.write_text("[data]\nrandom_tokens = 4096\nseq_len = 16\n")
+    argv = ["train", str(job), f"--nproc={nproc}", f"--output.dir={tmp_path / 'out'}", *overrides]
+    code, _, err = _cli(capsys, *argv)
+    assert not (tmp_path / "out").exists()
+    assert code == 2, err
+    return err
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Fail the test if `parallm train` starts a process or a training run."""
+    import subprocess
+
+    import parallm.train.__main__ as train_main
+
+    def launched(*args, **kwargs):
+        raise AssertionError("a training process was started")
+
+    monkeypatch.setattr(subprocess, "run", launched)
+    monkeypatch.setattr(train_main, "run", launched)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_target_modules_that_match_nothing_fail_before_launch(
+    capsys, tmp_path, dirs, no_launch, nproc
+):
+    err = _train(
+        capsys,
+        tmp_path,
+        f"--model.path={dirs['base']}",
+        "--lora.r=4",
+        "--lora.target_modules=foo",
+        nproc=nproc,
+    )
+    assert_one_line_error(2, err, "lora.target_modules:", "'foo'", "q_proj", "all-linear")
+
+
+def test_target_modules_checked_on_a_fresh_model_too(capsys, tmp_path, no_launch):
+    err = _train(
+        capsys,
+        tmp_path,
+        "--model.vocab_size=64",
+        "--model.dim=32",
+        "--model.n_layers=1",
+        "--model.n_heads=4",
+        "--model.ffn_dim=64",
+        "--lora.r=4",
+        "--lora.target_modules=qproj",
+        nproc=2,
+    )
+    assert_one_line_error(2, err, "lora.target_modules:", "'qproj'", "q_proj")
+
+
+def test_init_from_with_another_rank_fails_before_launch(capsys, tmp_path, dirs, no_launch):
+    base, adapter = dirs["base"], dirs["adapter"]
+    lora = [o for o in PEFT_LORA if not o.startswith(("--lora.r=", "--lora.modules_to_save"))]
+    err = _train(
+        capsys,
+        tmp_path,
+        f"--model.path={base}",
+        f"--lora.init_from={adapter}",
+        "--lora.r=8",
+        *lora,
+        nproc=2,
+    )
+    assert_one_line_error(2, err, "lora.init_from:", "r = 4", "lora.r is 8", "set lora.r = 4")
+
+
+def test_init_from_with_other_target_modules(capsys, tmp_path, dirs, no_launch):
+    lora = [o for o in PEFT_LORA if not o.startswith(("--lora.target", "--lora.modules_to_save"))]
+    err = _train(
+        capsys,
+        tmp_path,
+        f"--model.path={dirs['base']}",
+        f"--lora.init_from={dirs['adapter']}",
+        *lora,
+        "--lora.target_modules=q_proj,v_proj",
+    )
+    assert_one_line_error(
+        2,
+        err,
+        "lora.init_from:",
+        "set lora.target_modules = ['down_proj', 'k_proj', 'q_proj', 'up_proj']",
+    )
+
+
+def test_init_from_an_adapter_of_another_base(capsys, tmp_path, dirs, no_launch):
+    lora = [o for o in PEFT_LORA if not o.startswith("--lora.modules_to_save")]
+    err = _train(
+        capsys,
+        tmp_path,
+        f"--model.path={dirs['base']}",
+        f"--lora.init_from={dirs['narrow_adapter']}",
+        *lora,
+        nproc=2,
+    )
+    assert_one_line_error(2, err, "lora.init_from:", "another base model")
+
+
 def test_adapter_on_an_embedding(capsys, tmp_path, dirs):
     _peft_adapter(dirs["base"], tmp_path / "adapter", target_modules=["q_proj", "embed_tokens"])
     err = _merge(capsys, tmp_path, dirs, tmp_path / "adapter")
