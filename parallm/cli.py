@@ -78,21 +78,25 @@ def _generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
     )
+    lora = _generate_lora(args)
     llm = LLM(
         args.model,
         tensor_parallel_size=args.tensor_parallel_size,
         dtype=args.dtype,
         device=args.device,
         max_num_seqs=1,
+        **lora,
     )
     try:
+        if lora:
+            llm.engine.add_lora("adapter", args.lora, field="--lora")
         prompt: str | list[int] = args.prompt
         if args.chat:
             messages = [{"role": "user", "content": args.prompt}]
             text = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
             prompt = llm.tokenizer.encode(text, add_special_tokens=False)
         engine = llm.engine
-        engine.add_request("cli", prompt, params)
+        engine.add_request("cli", prompt, params, lora="adapter" if lora else None)
         shown = ""
         while engine.has_unfinished_requests():
             for out in engine.step():
@@ -106,6 +110,22 @@ def _generate(args: argparse.Namespace) -> int:
     finally:
         llm.close()
     return 0
+
+
+def _generate_lora(args: argparse.Namespace) -> dict:
+    """The engine options for `--lora DIR`, its adapter checked against the model's config
+    first (before the weights load); {} without it."""
+    if args.lora is None:
+        return {}
+    from parallm.inference.lora import check_servable, servable_modules
+    from parallm.models.hf import read_family
+    from parallm.models.peft_format import read_adapter
+
+    _, model_args = read_family(args.model)
+    adapter = read_adapter(args.lora, model_args, field="--lora")
+    modules = set(servable_modules(model_args))
+    check_servable(adapter, modules=modules, max_rank=adapter.spec.r, field="--lora")
+    return dict(enable_lora=True, max_loras=1, max_lora_rank=adapter.spec.r)
 
 
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
@@ -207,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--tensor-parallel-size", type=int, default=1, help="processes sharing the model"
     )
+    gen.add_argument("--lora", default=None, help="generate through this LoRA adapter (peft dir)")
     merge = sub.add_parser(
         "merge", help="fold a LoRA adapter (peft format) into its base model: a new HF directory"
     )

@@ -11,7 +11,9 @@ Every block is in exactly one of three states:
 - in use: ref count > 0 (more than 1 when sequences share a prefix).
 
 A full block's hash is chained: `hash_block(parent_hash, tokens)` covers the hash of the block
-before it, so a block only matches after the very same prefix.
+before it, so a block only matches after the very same prefix. The chain of a sequence served
+through a LoRA adapter starts from a root of its own (`root_hash`): the same tokens give other
+KV there, so nothing is shared across adapters.
 """
 
 from collections import OrderedDict, deque
@@ -21,6 +23,11 @@ from parallm.inference.sequence import Sequence
 # Parent hash of a sequence's first block. An int, since `hash(None)` is address-based (and so
 # differs between processes) before Python 3.12.
 _ROOT_HASH = 0
+
+
+def root_hash(seq: Sequence) -> int:
+    """The parent hash of the first block of `seq`: the base model's, or one per adapter load."""
+    return _ROOT_HASH if seq.lora_key == 0 else hash((-1, seq.lora_key))
 
 
 def hash_block(parent_hash: int, token_ids: tuple[int, ...]) -> int:
@@ -105,7 +112,7 @@ class BlockManager:
         bs = self.block_size
         blocks: list[int] = []
         hashes: list[int] = []
-        parent = _ROOT_HASH
+        parent = root_hash(seq)
         for i in range((seq.num_tokens - 1) // bs):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             h = hash_block(parent, tokens)
@@ -190,7 +197,7 @@ class BlockManager:
         hashes = self._seq_hashes[seq.seq_id]
         num_full = seq.num_computed_tokens // bs
         assert num_full <= len(seq.block_table) and seq.num_computed_tokens <= seq.num_tokens
-        parent = hashes[-1] if hashes else _ROOT_HASH
+        parent = hashes[-1] if hashes else root_hash(seq)
         for i in range(len(hashes), num_full):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             h = hash_block(parent, tokens)

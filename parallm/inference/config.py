@@ -13,7 +13,9 @@ class EngineConfig:
     (an int), or on a GPU a fraction (0, 1] of the memory free after loading the model, less
     the measured peak of the largest step (default on a GPU: 0.8); with tensor parallelism it
     is per rank, each rank caching its share of the KV heads.
-    `tensor_parallel_size`: processes (GPUs: cuda:0..N-1) the model is sharded over."""
+    `tensor_parallel_size`: processes (GPUs: cuda:0..N-1) the model is sharded over.
+    `enable_lora`: serve LoRA adapters next to the base, `max_loras` of them loaded at a time
+    (their slots' memory is taken before the KV cache's), each of rank <= `max_lora_rank`."""
 
     max_model_len: int | None = None  # default: the model's context
     kv_cache_memory: int | float | None = None
@@ -28,6 +30,9 @@ class EngineConfig:
     # portable (padded SDPA, any device) | flex (flex attention over the pool) | auto: flex on
     # CUDA, portable on CPU (where flex pays a compile per new step shape)
     attention_backend: str = "auto"
+    enable_lora: bool = False
+    max_loras: int = 4
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
         from parallm.inference.flex_attention import BACKENDS
@@ -42,6 +47,8 @@ class EngineConfig:
             "max_num_seqs",
             "max_num_batched_tokens",
             "tensor_parallel_size",
+            "max_loras",
+            "max_lora_rank",
         ):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}: {getattr(self, name)} is not valid; must be >= 1")

@@ -11,6 +11,11 @@ prompt positions as their chunks are computed; the first sequence of such a requ
 prefix cache until it has them all (cached tokens have no logits), and they are computed once
 per request whatever `n`.
 
+With `enable_lora`, requests may name a LoRA adapter loaded with `add_lora` (by name, between
+steps); requests of the base and of different adapters share each step (`lora.py`), and an
+adapter's KV blocks are never shared with the base's or another adapter's. `remove_lora` lets
+the requests already using an adapter finish on it (`adapters.py`).
+
 With `tensor_parallel_size` N > 1 this process is rank 0 of N (see `tp.py`): it keeps the
 scheduler, the sampler and the detokenizers, and every rank runs each step on its shard of the
 model and of the KV cache; the other ranks run `worker.py`. `close()` stops them.
@@ -26,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from parallm.errors import UserError
+from parallm.inference.adapters import AdapterRegistry, LoadedAdapter
 from parallm.inference.config import EngineConfig
 from parallm.inference.detokenizer import IncrementalDetokenizer
 from parallm.inference.model_runner import PromptRows, StepOutput
@@ -46,6 +52,7 @@ from parallm.inference.worker import (
     run_worker,
 )
 from parallm.models.hf import read_family
+from parallm.models.peft_format import read_adapter
 from parallm.tokenizer import Tokenizer
 
 # Prompt rows log-softmaxed at once: a (256, vocab) float32 copy at a time, not one per prompt.
@@ -86,6 +93,7 @@ class _Request:
     logprobs: dict[int, list[dict]] = field(default_factory=dict)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     error: str | None = None
+    adapter: LoadedAdapter | None = None  # held until the request has finished
 
 
 class LLMEngine:
@@ -133,6 +141,7 @@ class LLMEngine:
             )
         )
         self.sampler = Sampler()
+        self.adapters = AdapterRegistry(config.max_loras)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self._by_seq: dict[int, _Request] = {}
@@ -145,18 +154,26 @@ class LLMEngine:
     # -- requests ------------------------------------------------------------------------------
 
     def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        lora: str | None = None,
     ) -> None:
-        """Queue a request; a bad one is finished at once with an error, never raised."""
+        """Queue a request, through the adapter named `lora` (None: the base model); a bad one
+        is finished at once with an error, never raised."""
         params = params or SamplingParams()
         text = prompt if isinstance(prompt, str) else None
         req = _Request(request_id, text, [], params)
         self.requests[request_id] = req
         try:
             req.prompt_token_ids = self._prompt_ids(prompt)
+            if lora is not None:
+                req.adapter = self.adapters.acquire(lora)
         except UserError as e:
             req.error = str(e)
             return
+        slot, key = (req.adapter.slot, req.adapter.cache_key) if req.adapter else (-1, 0)
         stops = set(params.stop_token_ids)
         if not params.ignore_eos:
             stops |= set(self.tokenizer.eos_token_ids)
@@ -167,6 +184,8 @@ class LLMEngine:
                 num_prompt_tokens=len(req.prompt_token_ids),
                 max_tokens=params.max_tokens,
                 stop_token_ids=frozenset(stops),
+                lora_slot=slot,
+                lora_key=key,
             )
             req.seqs.append(seq)
             req.detok[seq.seq_id] = IncrementalDetokenizer(
@@ -209,6 +228,29 @@ class LLMEngine:
         if bad:
             raise UserError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {vocab})")
         return ids
+
+    # -- adapters ------------------------------------------------------------------------------
+
+    def add_lora(self, name: str, path: str | Path, *, field: str = "lora") -> LoadedAdapter:
+        """Load the peft adapter directory `path` under `name` (between steps); a UserError
+        naming `field` if it cannot be served, and then nothing is loaded."""
+        if self.runner.lora is None:
+            raise UserError(
+                f"{field}: adapters need an engine with enable_lora=True (serve: --lora or "
+                "--enable-lora)"
+            )
+        self.adapters.check_name(name)
+        path = str(Path(path).resolve())
+        adapter = read_adapter(path, self.model.args, field=field)
+        self.runner.lora.check(adapter, field)
+        slot = self.adapters.free_slot()
+        self.runner.load_lora(slot, adapter, path)
+        return self.adapters.add(name, path, slot, adapter.spec.r)
+
+    def remove_lora(self, name: str) -> LoadedAdapter:
+        """Unload adapter `name`: new requests for it fail from now on; those already queued or
+        running finish on it (`in_flight` of the result), then its slot is free."""
+        return self.adapters.remove(name)
 
     def abort_request(self, request_id: str) -> None:
         req = self.requests.get(request_id)
@@ -294,6 +336,9 @@ class LLMEngine:
             self.requests.pop(req.request_id, None)
             for s in req.seqs:
                 self._by_seq.pop(s.seq_id, None)
+            if req.adapter is not None:
+                self.adapters.release(req.adapter)
+                req.adapter = None
         return RequestOutput(
             request_id=req.request_id,
             prompt=req.prompt,

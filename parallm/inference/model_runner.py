@@ -8,6 +8,10 @@ With tensor parallelism every rank runs the same step on its shard: rank 0 `prep
 from its sequences and sends the resulting `StepInputs` to the other ranks (`execute`), which
 receive and run them in `follow`. The inputs are plain lists of ints, so they travel as one
 tensor and the workers never see a `Sequence`.
+
+With LoRA slots (`lora`), each sequence's slot travels with the step; the bank turns the slots
+into rows per adapter before the forward, so the model call itself does not change. Adapters
+are loaded between steps (`load_lora`), on every rank.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import torch
 from torch import nn
 
 from parallm.inference.flex_attention import make_backend
+from parallm.inference.lora import LoraBank
 from parallm.inference.paged_attention import KVPool, StepMetadata
 from parallm.inference.sequence import Sequence
-from parallm.inference.step_inputs import StepInputs
+from parallm.inference.step_inputs import LoadLora, StepInputs
 from parallm.inference.tp import TPGroup
+from parallm.models.peft_format import Adapter, read_adapter
 from parallm.models.registry import family_of_model
 
 GiB = 2**30
@@ -64,6 +70,7 @@ class ModelRunner:
     """Owns the KV pool and the paged backend; `execute` runs one step.
 
     `tp`: the tensor-parallel group when the model is a shard (rank 0 sends each step to it).
+    `lora`: the model's adapter slots (None: adapters not enabled).
     """
 
     def __init__(
@@ -74,8 +81,10 @@ class ModelRunner:
         block_size: int,
         tp: TPGroup | None = None,
         attention_backend: str = "auto",
+        lora: LoraBank | None = None,
     ) -> None:
         self.model = model
+        self.lora = lora
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.block_size = block_size
@@ -111,6 +120,7 @@ class ModelRunner:
         offset = 0
         for seq, n in zip(seqs, num_new_tokens, strict=True):
             start = seq.num_computed_tokens
+            step.lora_slots.append(seq.lora_slot)
             step.token_ids.extend(seq.token_ids[start : start + n])
             step.starts.append(start)
             # Only the blocks holding positions [0, start + n): the rest may be pre-allocated.
@@ -143,13 +153,30 @@ class ModelRunner:
         input_ids = torch.tensor([step.token_ids], device=self.device)  # (1, N)
         pos = torch.tensor([positions], device=self.device)  # (1, N)
         rows = torch.tensor(step.logit_rows, dtype=torch.long, device=self.device)  # (R,)
+        if self.lora is not None:
+            self.lora.set_step(
+                step.lora_slots or [-1] * len(step.lengths), step.lengths, self.device
+            )
         logits = self.model(
             input_ids, pos, attention=self.attention, backend=self.backend, logit_rows=rows
         )[0]
         return logits if step.logit_rows else None
 
+    def load_lora(self, slot: int, adapter: Adapter, path: str) -> None:
+        """Rank 0: put `adapter` (checked against the bank), read from `path`, into `slot` on
+        every rank."""
+        assert self.lora is not None, "adapters are not enabled"
+        if self.tp is not None:
+            self.tp.send_lora(LoadLora(slot, path))
+        self.lora.load(slot, adapter)
+
     def follow(self) -> None:
-        """On a tensor-parallel worker: run rank 0's steps until it stops the group."""
+        """On a tensor-parallel worker: run rank 0's steps, and load the adapters it names,
+        until it stops the group."""
         assert self.tp is not None and self.tp.rank != 0, "only a worker rank follows"
-        while (step := self.tp.recv_step()) is not None:
-            self.run(step)
+        while (message := self.tp.recv_step()) is not None:
+            if isinstance(message, LoadLora):
+                assert self.lora is not None, "adapters are not enabled"
+                self.lora.load(message.slot, read_adapter(message.path, self.model.args))
+            else:
+                self.run(message)

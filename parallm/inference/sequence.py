@@ -31,6 +31,10 @@ class Sequence:
     none are. While it is set the sequence takes no prefix-cache hits: cached tokens are never
     computed, so they have no logits.
 
+    `lora_slot`: the LoRA adapter slot the model applies to its tokens (-1: the base model);
+    `lora_key`: which load of an adapter that is (0: none), unique per load, so that its KV
+    blocks are cached apart from the base's and another adapter's (a slot is reused).
+
     Identity equality (`eq=False`): two requests with the same tokens are different sequences.
     """
 
@@ -45,6 +49,8 @@ class Sequence:
     num_cached_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     prompt_logits_from: int | None = None
+    lora_slot: int = -1
+    lora_key: int = 0
     finish_reason: str | None = None
     error: str | None = None
 

@@ -1,9 +1,10 @@
-"""What one engine step runs: plain lists of ints, so a step travels to tensor-parallel workers
-as one tensor and the workers never see a `Sequence`."""
+"""What rank 0 tells the tensor-parallel workers: the inputs of one engine step (plain lists of
+ints, so a step travels as one tensor and the workers never see a `Sequence`), or an adapter to
+load into a LoRA slot between steps."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -15,3 +16,13 @@ class StepInputs:
     lengths: list[int]  # (B,) how many tokens it computes
     block_tables: list[list[int]]  # (B, ceil(context / block_size)) the blocks in use
     logit_rows: list[int]  # (R,) flat indices of the tokens whose logits are needed, ascending
+    lora_slots: list[int] = field(default_factory=list)  # (B,) adapter slot, -1: base; [] all base
+
+
+@dataclass(frozen=True)
+class LoadLora:
+    """Load the peft adapter directory `path` (absolute) into LoRA slot `slot` (rank 0 has
+    checked it against the base model already)."""
+
+    slot: int
+    path: str

@@ -12,11 +12,13 @@ need all of them:
 
   1. a header, int64 (5,): (op, N tokens, B sequences, R logit rows, K block-table entries),
      on a gloo group (`control`), so it can wait while the engine is idle (below);
-  2. the inputs, int64 (N + 3B + R + K,): token ids, starts, lengths, logit rows, block-table
-     lengths and the flattened block tables, on the model's group (NCCL on GPUs, which moves
-     tensors only, hence tensors rather than a pickled object).
+  2. the inputs, int64 (N + 4B + R + K,): token ids, starts, lengths, LoRA slots, logit rows,
+     block-table lengths and the flattened block tables, on the model's group (NCCL on GPUs,
+     which moves tensors only, hence tensors rather than a pickled object).
 
-`op` STOP ends the workers. Timeouts: the model's group uses `STEP_TIMEOUT`, which bounds every
+`op` STOP ends the workers. `op` LORA (slot, path length) is followed by the adapter
+directory's path as bytes on `control`: every worker reads the adapter and loads its shard of
+it into the slot (they share the driver's file system: one machine). Timeouts: the model's group uses `STEP_TIMEOUT`, which bounds every
 collective inside a step. A worker waits for the next header on `control`, whose timeout is
 `IDLE_TIMEOUT` because a server may legitimately sit idle for hours. A driver that dies never
 leaves a worker waiting that long: gloo fails a broadcast at once when its peer's socket closes,
@@ -41,11 +43,11 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from parallm.distributed.parallel_dims import ParallelDims
 from parallm.errors import UserError
-from parallm.inference.step_inputs import StepInputs
+from parallm.inference.step_inputs import LoadLora, StepInputs
 
 STEP_TIMEOUT = timedelta(minutes=10)
 IDLE_TIMEOUT = timedelta(days=7)
-_STOP, _STEP = 0, 1
+_STOP, _STEP, _LORA = 0, 1, 2
 
 
 class TPGroup:
@@ -122,6 +124,7 @@ class TPGroup:
             step.token_ids,
             step.starts,
             step.lengths,
+            step.lora_slots or [-1] * b,
             step.logit_rows,
             map(len, tables),
             chain.from_iterable(tables),
@@ -129,22 +132,37 @@ class TPGroup:
         payload = torch.tensor(list(flat), dtype=torch.long, device=self.device)
         dist.broadcast(payload, group=self.group, group_src=0)
 
-    def recv_step(self) -> StepInputs | None:
-        """A worker: the next step's inputs from rank 0, or None when it stops the group."""
+    def send_lora(self, load: LoadLora) -> None:
+        """Rank 0: have every worker load an adapter into a LoRA slot (between two steps)."""
+        if self.closed:
+            raise RuntimeError("the tensor-parallel workers were stopped (engine closed)")
+        path = load.path.encode()
+        dist.broadcast(_header(_LORA, load.slot, len(path)), group=self.control, group_src=0)
+        payload = torch.tensor(list(path), dtype=torch.uint8)
+        dist.broadcast(payload, group=self.control, group_src=0)
+
+    def recv_step(self) -> StepInputs | LoadLora | None:
+        """A worker: rank 0's next message, a step's inputs or an adapter to load; None when it
+        stops the group."""
         header = _header(_STOP)
         dist.broadcast(header, group=self.control, group_src=0)
         op, n, b, r, k = header.tolist()
         if op == _STOP:
             return None
-        payload = torch.empty(n + 3 * b + r + k, dtype=torch.long, device=self.device)
+        if op == _LORA:  # n: the slot, b: the path's length in bytes
+            path = torch.empty(b, dtype=torch.uint8)
+            dist.broadcast(path, group=self.control, group_src=0)
+            return LoadLora(n, bytes(path.tolist()).decode())
+        payload = torch.empty(n + 4 * b + r + k, dtype=torch.long, device=self.device)
         dist.broadcast(payload, group=self.group, group_src=0)
         values = iter(payload.tolist())
 
         def take(count: int) -> list[int]:
             return list(islice(values, count))
 
-        ids, starts, lengths, rows, table_lens = take(n), take(b), take(b), take(r), take(b)
-        return StepInputs(ids, starts, lengths, [take(m) for m in table_lens], rows)
+        ids, starts, lengths, slots = take(n), take(b), take(b), take(b)
+        rows, table_lens = take(r), take(b)
+        return StepInputs(ids, starts, lengths, [take(m) for m in table_lens], rows, slots)
 
     def agree_min(self, value: int) -> int:
         """The smallest `value` over the ranks (e.g. KV blocks, which every rank must share)."""

@@ -105,12 +105,18 @@ class _Sharded(nn.Module):
             dist.all_reduce(out, group=self.group)
             return out
         if self.style is TP.ROWWISE:
-            out = F.linear(x, self.weight)  # (B, T, out) partial sums over this rank's inputs
-            dist.all_reduce(out, group=self.group)
-            return out if self.bias is None else out + self.bias
+            return self.reduce(self.partial(x))
         out = F.linear(x, self.weight, self.bias)
         if self.style is TP.COLWISE:
             return out
         parts = [torch.empty_like(out) for _ in range(dist.get_world_size(self.group))]
         dist.all_gather(parts, out.contiguous(), group=self.group)  # (B, R, vocab / tp) each
         return torch.cat(parts, dim=-1)  # (B, R, vocab)
+
+    # A row-parallel layer in two halves, so a LoRA delta joins the partial sums (one reduce).
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)  # (B, T, out) partial sums over this rank's inputs
+
+    def reduce(self, out: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(out, group=self.group)
+        return out if self.bias is None else out + self.bias

@@ -1,13 +1,15 @@
 """Building a rank's model runner, and the loop of the tensor-parallel ranks above 0.
 
 The driver (`LLMEngine`, rank 0) and the workers both `build_runner`: load the model (whole, or
-this rank's shard by the family's parallel plan) and size the KV cache alike. A worker then
+this rank's shard by the family's parallel plan), give it LoRA slots when adapters are enabled,
+and size the KV cache alike. A worker then
 `follow`s: it runs each step rank 0 broadcasts until rank 0 stops the group. Spawned workers
 enter through `run_worker`; the ranks > 0 of a torchrun launch through `serve_rank`.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -16,6 +18,7 @@ from parallm.distributed.parallel_dims import ParallelDims
 from parallm.errors import UserError
 from parallm.inference.config import EngineConfig
 from parallm.inference.kv_budget import kv_cache_blocks
+from parallm.inference.lora import LoraBank
 from parallm.inference.model_runner import ModelRunner
 from parallm.inference.tp import TPGroup
 from parallm.inference.tp_model import load_sharded
@@ -58,7 +61,17 @@ def build_runner(
         model = load_pretrained(model_dir, dtype=config.dtype, device=config.device).eval()
     else:
         model = load_sharded(model_dir, tp, config.dtype)
-    budget, blocks = kv_cache_blocks(model, config, max_model_len, tp.size if tp else 1)
+    lora = None
+    if config.enable_lora:  # before the KV cache is sized: the slots take memory too
+        lora = LoraBank.attach(
+            model,
+            max_loras=config.max_loras,
+            max_rank=config.max_lora_rank,
+            tp_rank=tp.rank if tp else 0,
+            tp_size=tp.size if tp else 1,
+        )
+    with lora.profile() if lora is not None else nullcontext():
+        budget, blocks = kv_cache_blocks(model, config, max_model_len, tp.size if tp else 1)
     if tp is not None:  # free GPU memory may differ per rank; the block tables are shared
         blocks = tp.agree_min(blocks)
     if blocks < 1:
@@ -71,6 +84,7 @@ def build_runner(
         block_size=config.block_size,
         tp=tp,
         attention_backend=config.attention_backend,
+        lora=lora,
     )
 
 
