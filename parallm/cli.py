@@ -167,8 +167,9 @@ def _keys(args: argparse.Namespace) -> int:
 
     with KeyStore(args.db) as store:
         if args.action == "create":
-            info, secret = store.create(args.name, rpm=args.rpm, tpm=args.tpm)
-            print(f"created {info.id} ({info.name}); the key is shown once, store it now:")
+            info, secret = store.create(args.name, rpm=args.rpm, tpm=args.tpm, admin=args.admin)
+            scope = ", admin" if info.admin else ""
+            print(f"created {info.id} ({info.name}{scope}); the key is shown once, store it now:")
             print(secret)
         elif args.action == "list":
             print(format_keys(store.list()))
@@ -177,7 +178,7 @@ def _keys(args: argparse.Namespace) -> int:
             print(f"revoked {info.id} ({info.name})")
         else:
             since = parse_since(args.since) if args.since else None
-            print(format_usage(store.usage(since=since)))
+            print(format_usage(store.usage(since=since, by_model=args.by_model)))
     return 0
 
 
@@ -274,11 +275,17 @@ def _add_keys_actions(keys: argparse.ArgumentParser, db_help: str) -> None:
     create.add_argument("--name", required=True)
     create.add_argument("--rpm", type=int, default=None, help="requests per minute limit")
     create.add_argument("--tpm", type=int, default=None, help="tokens per minute limit")
+    create.add_argument(
+        "--admin", action="store_true", help="admin scope: may load / unload adapters"
+    )
     listing = keys_sub.add_parser("list", help="list keys (prefixes only)")
     revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("id")
     usage = keys_sub.add_parser("usage", help="prompt and completion tokens per key")
     usage.add_argument("--since", default=None, help="ISO date/time or an age: 24h, 7d")
+    usage.add_argument(
+        "--by-model", action="store_true", help="a row per key and model (base or adapter)"
+    )
     for p in (create, listing, revoke, usage):
         p.add_argument("--db", default=DEFAULT_KEYS_DB, help=db_help)
 

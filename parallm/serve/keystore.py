@@ -8,6 +8,10 @@ any hash speed, and there are no shared or reused values for a salt to separate.
 digest also lets `authenticate` find the key with one indexed equality lookup, at microseconds per
 request instead of the tens of milliseconds a slow hash would add to every call.
 
+A key may carry the admin scope (`create(..., admin=True)`, `parallm keys create --admin`): it
+may also load and unload LoRA adapters on a running server. A database made before scopes
+existed gets the column (false for every key) when it is opened.
+
 Every method is synchronous, thread-safe and runs one short transaction: the store owns one engine
 whose connection pool is shared by all threads. An asyncio server calls it through
 ``asyncio.to_thread``. All timestamps are timezone-aware UTC.
@@ -82,6 +86,8 @@ _keys = sa.Table(
     sa.Column("revoked_at", _UTCDateTime(), nullable=True),
     sa.Column("rpm", sa.Integer(), nullable=True),  # None: unlimited
     sa.Column("tpm", sa.Integer(), nullable=True),
+    # Added after the first release: `_add_missing_columns` adds it to older databases.
+    sa.Column("admin", sa.Boolean(), nullable=False, server_default=sa.false()),
 )
 
 _usage = sa.Table(
@@ -118,6 +124,7 @@ class KeyInfo:
     revoked_at: datetime | None
     rpm: int | None  # requests per minute; None: unlimited
     tpm: int | None  # prompt + completion tokens per minute; None: unlimited
+    admin: bool = False  # may load and unload adapters on the server
 
     @property
     def active(self) -> bool:
@@ -126,13 +133,15 @@ class KeyInfo:
 
 @dataclass(frozen=True, kw_only=True)
 class UsageSummary:
-    """Exact totals for one key over a time range."""
+    """Exact totals for one key (and, by model, one model: the base or an adapter) over a time
+    range."""
 
     key_id: str
     name: str
     requests: int
     prompt_tokens: int
     completion_tokens: int
+    model: str | None = None  # set when summed per model
 
     @property
     def total_tokens(self) -> int:
@@ -152,6 +161,7 @@ class KeyStore:
         self._clock = clock
         try:
             _metadata.create_all(self._engine)
+            _add_missing_columns(self._engine)
         except SQLAlchemyError as e:  # unreachable server, unwritable file, bad credentials
             self._engine.dispose()
             reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
@@ -173,9 +183,10 @@ class KeyStore:
         self.close()
 
     def create(
-        self, name: str, rpm: int | None = None, tpm: int | None = None
+        self, name: str, rpm: int | None = None, tpm: int | None = None, *, admin: bool = False
     ) -> tuple[KeyInfo, str]:
-        """Create a key; return it and its secret, which is not stored and cannot be shown again."""
+        """Create a key (with the admin scope if `admin`); return it and its secret, which is not
+        stored and cannot be shown again."""
         name = name.strip() if isinstance(name, str) else name
         if not isinstance(name, str) or not name or len(name) > _NAME_MAX:
             raise UserError(f"name: {name!r} is not valid; must be 1 to {_NAME_MAX} characters")
@@ -191,6 +202,7 @@ class KeyStore:
                 revoked_at=None,
                 rpm=rpm,
                 tpm=tpm,
+                admin=bool(admin),
             )
             try:
                 with self._engine.begin() as conn:
@@ -275,25 +287,30 @@ class KeyStore:
                 raise UserError(f"key id: {key_id!r} is not a known key") from e
             raise UserError(f"request_id: {request_id!r} is already recorded") from e
 
-    def usage(self, since: datetime | None = None, key_id: str | None = None) -> list[UsageSummary]:
-        """Per-key totals of the requests recorded at or after `since` (all time if None).
+    def usage(
+        self, since: datetime | None = None, key_id: str | None = None, *, by_model: bool = False
+    ) -> list[UsageSummary]:
+        """Per-key totals of the requests recorded at or after `since` (all time if None), per
+        key and model (the base or an adapter) with `by_model`.
 
         Keys without requests in the range are left out; `key_id` keeps only that key.
         """
         if since is not None and since.tzinfo is None:
             raise UserError(f"since: {since!r} is not valid; must be timezone-aware (e.g. UTC)")
         u, k = _usage.c, _keys.c
+        per_model = [u.model] if by_model else []
         query = (
             sa.select(
                 u.key_id,
                 k.name,
+                *per_model,
                 sa.func.count().label("requests"),
                 sa.func.sum(u.prompt_tokens).label("prompt_tokens"),
                 sa.func.sum(u.completion_tokens).label("completion_tokens"),
             )
             .join_from(_usage, _keys, u.key_id == k.id)
-            .group_by(u.key_id, k.name, k.created_at)
-            .order_by(k.created_at, u.key_id)
+            .group_by(u.key_id, k.name, k.created_at, *per_model)
+            .order_by(k.created_at, u.key_id, *per_model)
         )
         if since is not None:
             query = query.where(u.created_at >= since)
@@ -309,9 +326,27 @@ class KeyStore:
                 requests=int(r.requests),
                 prompt_tokens=int(r.prompt_tokens),
                 completion_tokens=int(r.completion_tokens),
+                model=r.model if by_model else None,
             )
             for r in rows
         ]
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Bring a database made by an older parallm up to the current schema: `api_keys.admin`
+    (false for the keys it has). Another process may add it at the same moment."""
+    columns = {c["name"] for c in sa.inspect(engine).get_columns("api_keys")}
+    if "admin" in columns:
+        return
+    false = "0" if engine.dialect.name == "sqlite" else "false"
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(f"ALTER TABLE api_keys ADD COLUMN admin BOOLEAN NOT NULL DEFAULT {false}")
+            )
+    except SQLAlchemyError:
+        if "admin" not in {c["name"] for c in sa.inspect(engine).get_columns("api_keys")}:
+            raise
 
 
 def _digest(secret: str) -> str:
@@ -336,6 +371,7 @@ def _key_info(row: Any) -> KeyInfo:
         revoked_at=row.revoked_at,
         rpm=row.rpm,
         tpm=row.tpm,
+        admin=bool(row.admin),
     )
 
 
@@ -415,21 +451,25 @@ def format_keys(keys: list[KeyInfo]) -> str:
             "active" if k.revoked_at is None else f"revoked {_when(k.revoked_at)}",
             "-" if k.rpm is None else str(k.rpm),
             "-" if k.tpm is None else str(k.tpm),
+            "admin" if k.admin else "-",
         ]
         for k in keys
     ]
-    headers = ["ID", "NAME", "KEY", "CREATED (UTC)", "STATUS", "RPM", "TPM"]
+    headers = ["ID", "NAME", "KEY", "CREATED (UTC)", "STATUS", "RPM", "TPM", "SCOPE"]
     return _table(headers, rows, right={5, 6})
 
 
 def format_usage(summaries: list[UsageSummary]) -> str:
-    """A table of per-key usage for `parallm keys usage`, with a total row when there are several."""
+    """A table of per-key usage for `parallm keys usage` (a MODEL column when summed per model),
+    with a total row when there are several."""
     if not summaries:
         return "no usage"
+    by_model = summaries[0].model is not None
     rows = [
         [
             s.key_id,
             s.name,
+            *([s.model or ""] if by_model else []),
             *map(str, (s.requests, s.prompt_tokens, s.completion_tokens, s.total_tokens)),
         ]
         for s in summaries
@@ -437,9 +477,12 @@ def format_usage(summaries: list[UsageSummary]) -> str:
     if len(summaries) > 1:
         totals = [sum(s.requests for s in summaries), sum(s.prompt_tokens for s in summaries)]
         totals.append(sum(s.completion_tokens for s in summaries))
-        rows.append(["TOTAL", "", *map(str, (*totals, totals[1] + totals[2]))])
-    headers = ["KEY", "NAME", "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS", "TOTAL TOKENS"]
-    return _table(headers, rows, right={2, 3, 4, 5})
+        blank = ["", ""] if by_model else [""]
+        rows.append(["TOTAL", *blank, *map(str, (*totals, totals[1] + totals[2]))])
+    headers = ["KEY", "NAME", *(["MODEL"] if by_model else [])]
+    headers += ["REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS", "TOTAL TOKENS"]
+    first = len(headers) - 4
+    return _table(headers, rows, right=set(range(first, first + 4)))
 
 
 def _when(t: datetime) -> str:
