@@ -183,6 +183,7 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    args.lora = tuple(args.lora or ())  # repeated --lora NAME=DIR
     config = ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
     import_extra("parallm.serve.server", command="serve", extra="serve")
     from parallm.serve.server import serve
@@ -315,9 +316,21 @@ def _add_serve_options(serve: argparse.ArgumentParser, db_help: str) -> None:
     )
     serve.add_argument("--ui", action="store_true", help="also serve the chat page at /ui")
     serve.add_argument("--log-level", help="uvicorn log level")
+    serve.add_argument(
+        "--lora",
+        action="append",
+        metavar="NAME=DIR",
+        help="serve a LoRA adapter (peft dir) as model NAME; repeat for more",
+    )
+    serve.add_argument(
+        "--enable-lora", action="store_true", help="adapter slots for admin keys to load into"
+    )
+    serve.add_argument("--max-loras", type=int, help="adapters loaded at a time")
+    serve.add_argument("--max-lora-rank", type=int, help="largest adapter rank")
     serve.set_defaults(
         **{f.name: f.default for f in fields(ServerConfig) if f.default is not MISSING}
     )
+    serve.set_defaults(lora=None)  # append to a fresh list, not to the tuple default
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """`parallm serve`'s ASGI app: the OpenAI-compatible HTTP API (FastAPI) around `AsyncEngine`.
 
-A request goes: key (401) -> body size (413) -> JSON and types (400) -> model name (404) ->
+A request goes: key (401) -> body size (413) -> JSON and types (400) -> model name (404; the
+base model or a loaded LoRA adapter) ->
 sampling values, prompt length and `max_tokens` against the context (400, checked before it is
 queued, so a stream never starts for a request that cannot run) -> the key's rpm / tpm (429) ->
 the waiting queue (429 when full) -> the engine (503 once it has failed).
@@ -11,7 +12,7 @@ sent before it left). It is recorded against the key and charged to its tpm wind
 request ends, however it ends.
 
 The endpoints live in one module per group: `system` (/health, /metrics, /v1/models),
-`completions`, `chat`; `common` holds the checks they share and `jobs` a request's engine
+`completions`, `chat`, `admin` (loading and unloading LoRA adapters, admin keys only); `common` holds the checks they share and `jobs` a request's engine
 requests. `parallm.serve.server` runs the app under uvicorn.
 """
 
@@ -27,7 +28,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from parallm.errors import UserError
-from parallm.serve import chat, completions, system
+from parallm.serve import admin, chat, completions, system
 from parallm.serve.common import APIError
 from parallm.serve.state import ServerState
 
@@ -51,7 +52,7 @@ def build_app(state: ServerState, *, ui_server_url: str | None = None) -> FastAP
     app = FastAPI(title="parallm", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.parallm = state
     _add_error_handlers(app)
-    for group in (system, completions, chat):
+    for group in (system, completions, chat, admin):
         app.include_router(group.router)
     if ui_server_url is not None:
         from parallm.serve.ui import mount_ui

@@ -3,7 +3,9 @@
 The event loop never runs a model step. Requests and aborts are queued under a lock and applied
 by the engine thread between two steps; each step's outputs are handed back to the event loop,
 into one `asyncio.Queue` per request. So a request added or aborted while a step runs takes
-effect at the next step, and an abort frees the request's KV blocks there.
+effect at the next step, and an abort frees the request's KV blocks there. Other changes to the
+engine (loading or unloading a LoRA adapter) are awaited with `call`, which runs them there too,
+after that round's adds and aborts.
 
 If a step raises, the engine is dead: every open request ends with `EngineDeadError`, `error`
 says why, and new requests are refused. The server reports it on `/health` and answers 503.
@@ -14,11 +16,16 @@ from __future__ import annotations
 import asyncio
 import threading
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
+from parallm.errors import UserError
 from parallm.inference.engine import LLMEngine, RequestOutput
 from parallm.inference.sampling import SamplingParams
+
+# (request id, prompt, sampling parameters, LoRA adapter name or None for the base)
+EngineRequest = tuple[str, str | list[int], SamplingParams, str | None]
 
 
 class QueueFullError(Exception):
@@ -59,8 +66,9 @@ class AsyncEngine:
         self.stats = self._snapshot()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._adds: list[tuple[str, str | list[int], SamplingParams]] = []
+        self._adds: list[EngineRequest] = []
         self._aborts: list[str] = []
+        self._calls: list[tuple[Callable[[LLMEngine], Any], asyncio.Future]] = []
         self._queues: dict[str, asyncio.Queue] = {}
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -88,19 +96,22 @@ class AsyncEngine:
     # -- requests (event loop side) ------------------------------------------------------------
 
     async def generate(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        lora: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Add one request and yield its outputs until it finishes."""
         queue: asyncio.Queue = asyncio.Queue()
-        self.add([(request_id, prompt, params)], queue)
+        self.add([(request_id, prompt, params, lora)], queue)
         async for out in self.stream([request_id], queue):
             yield out
 
-    def add(
-        self, requests: list[tuple[str, str | list[int], SamplingParams]], queue: asyncio.Queue
-    ) -> None:
-        """Queue requests (id, prompt, params) for the next step, all or none; their outputs
-        will arrive in `queue`. QueueFullError or EngineDeadError if they cannot be taken."""
+    def add(self, requests: list[EngineRequest], queue: asyncio.Queue) -> None:
+        """Queue requests (id, prompt, params, adapter) for the next step, all or none; their
+        outputs will arrive in `queue`. QueueFullError or EngineDeadError if they cannot be
+        taken."""
         if self.error is not None:
             raise EngineDeadError(self.error)
         with self._lock:
@@ -136,6 +147,19 @@ class AsyncEngine:
             self._aborts.append(request_id)
             self._wake.notify()
 
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """`fn(engine)` run by the engine thread between two steps; its result, or its
+        exception. Anything but a UserError from it is the engine's failure too (it may have
+        left the ranks disagreeing). EngineDeadError once the engine has failed."""
+        if self.error is not None:
+            raise EngineDeadError(self.error)
+        assert self._loop is not None, "the engine thread is not running"
+        future = self._loop.create_future()
+        with self._lock:
+            self._calls.append((fn, future))
+            self._wake.notify()
+        return await future
+
     # -- the engine thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -147,6 +171,7 @@ class AsyncEngine:
                         not self._stopping
                         and not self._adds
                         and not self._aborts
+                        and not self._calls
                         and not engine.has_unfinished_requests()
                     ):
                         self._wake.wait()
@@ -154,10 +179,13 @@ class AsyncEngine:
                         return
                     adds, self._adds = self._adds, []
                     aborts, self._aborts = self._aborts, []
-                for request_id, prompt, params in adds:
-                    engine.add_request(request_id, prompt, params)
+                for request_id, prompt, params, lora in adds:
+                    engine.add_request(request_id, prompt, params, lora=lora)
                 for request_id in aborts:
                     engine.abort_request(request_id)
+                # After the adds: a request admitted before an unload finishes on its adapter.
+                while call := self._next_call():
+                    self._run_call(*call)
                 outputs = engine.step()
                 self.stats = self._snapshot()
                 self._deliver(outputs)
@@ -165,6 +193,21 @@ class AsyncEngine:
             self.error = f"{type(e).__name__}: {e}"
             traceback.print_exc()
             self._fail_all(EngineDeadError(self.error))
+
+    def _next_call(self) -> tuple[Callable[[LLMEngine], Any], asyncio.Future] | None:
+        with self._lock:  # one at a time: if one fails the engine, `_fail_all` ends the rest
+            return self._calls.pop(0) if self._calls else None
+
+    def _run_call(self, fn: Callable[[LLMEngine], Any], future: asyncio.Future) -> None:
+        assert self._loop is not None
+        try:
+            result = fn(self.engine)
+        except BaseException as e:
+            self._loop.call_soon_threadsafe(_settle, future, None, e)
+            if not isinstance(e, UserError):
+                raise
+        else:
+            self._loop.call_soon_threadsafe(_settle, future, result, None)
 
     def _snapshot(self) -> EngineStats:
         sched = self.engine.scheduler
@@ -198,8 +241,22 @@ class AsyncEngine:
         def put() -> None:
             for queue in set(self._queues.values()):
                 queue.put_nowait(error)
+            with self._lock:
+                calls, self._calls = self._calls, []
+            for _, future in calls:
+                _settle(future, None, error)
 
         try:
             self._loop.call_soon_threadsafe(put)
         except RuntimeError:  # the loop is closed: the server is going down anyway
             pass
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    """On the event loop: complete a `call`'s future (unless its caller went away)."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -35,7 +35,7 @@ async def chat_completions(request: Request) -> Response:
     state = state_of(request)
     key = await authorize(state, request)
     req = parse(ChatCompletionRequest, await read_body(state, request))
-    check_model(state, req.model)
+    lora = check_model(state, req.model)
     tok = state.llm.tokenizer
     if req.max_tokens is not None and req.max_completion_tokens is not None:
         raise UserError("max_completion_tokens: give it or max_tokens, not both")
@@ -47,7 +47,7 @@ async def chat_completions(request: Request) -> Response:
     top = req.top_logprobs or 0
     params = req.sampling_params(max_tokens, logprobs=top if req.logprobs else None)
     try:
-        job = start_job(state, key, "chat", "chatcmpl", [prompt], params)
+        job = start_job(state, key, "chat", "chatcmpl", [prompt], params, lora)
     except UserError as e:  # the prompt is the messages here
         raise UserError(str(e), param="messages" if e.param == "prompt" else e.param) from e
     if req.stream:
@@ -144,7 +144,7 @@ async def _response(job: Job, req: ChatCompletionRequest, tok: Any, request: Req
                 "id": job.id,
                 "object": "chat.completion",
                 "created": int(time.time()),
-                "model": job.state.model_name,
+                "model": job.model,
                 "choices": choices,
                 "usage": job.usage(),
             }

@@ -1,5 +1,6 @@
-"""What every endpoint checks first: the key (401), the body's size (413), the model name (404);
-and `APIError`, an HTTP error answered with OpenAI's error body."""
+"""What every endpoint checks first: the key (401; 403 for an admin endpoint without the admin
+scope), the body's size (413), the model name (404: the base or a loaded adapter); and
+`APIError`, an HTTP error answered with OpenAI's error body."""
 
 from __future__ import annotations
 
@@ -85,12 +86,40 @@ async def read_body(state: ServerState, request: Request) -> bytes:
     return bytes(body)
 
 
-def check_model(state: ServerState, name: str) -> None:
-    """404 unless `name` is the model this server serves."""
-    if name != state.model_name:
+async def authorize_admin(state: ServerState, request: Request) -> KeyInfo:
+    """The request's key if it has the admin scope; 401 without a valid key, 403 without the
+    scope, and 403 on a server without keys (--no-auth), whose admin endpoints are off."""
+    if state.keystore is None:
         raise APIError(
-            404,
-            f"model: {name!r} does not exist; this server serves {state.model_name!r}",
-            param="model",
-            code="model_not_found",
+            403,
+            "admin endpoints are off on a server started with --no-auth; start it with a key "
+            "database and use a key made by `parallm keys create --admin`",
+            "permission_error",
+            code="admin_disabled",
         )
+    key = await authorize(state, request)
+    assert key is not None
+    if not key.admin:
+        raise APIError(
+            403,
+            f"key {key.id} has no admin scope; use a key made by `parallm keys create --admin`",
+            "permission_error",
+            code="insufficient_scope",
+        )
+    return key
+
+
+def check_model(state: ServerState, name: str) -> str | None:
+    """The LoRA adapter `name` selects (None: the base model); 404 unless it is the model this
+    server serves or one of its loaded adapters."""
+    if name == state.model_name:
+        return None
+    if name in state.llm.adapters.by_name:
+        return name
+    served = ", ".join(repr(n) for n in [state.model_name, *state.llm.adapters.by_name])
+    raise APIError(
+        404,
+        f"model: {name!r} does not exist; this server serves {served}",
+        param="model",
+        code="model_not_found",
+    )

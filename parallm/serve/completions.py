@@ -38,7 +38,7 @@ async def completions(request: Request) -> Response:
     state = state_of(request)
     key = await authorize(state, request)
     req = parse(CompletionRequest, await read_body(state, request))
-    check_model(state, req.model)
+    lora = check_model(state, req.model)
     llm = state.llm
     prompts = req.prompts()
     if req.max_tokens == 0 and not req.echo:
@@ -52,7 +52,7 @@ async def completions(request: Request) -> Response:
         logprobs=req.logprobs,
         prompt_logprobs=req.logprobs if want_prompt_lps else None,
     )
-    job = start_job(state, key, "completions", "cmpl", prompts, params)
+    job = start_job(state, key, "completions", "cmpl", prompts, params, lora)
     tok = llm.tokenizer
     prompt_texts = [
         p if isinstance(p, str) else tok.decode(ids)
@@ -129,7 +129,7 @@ async def _response(view: _Choices, request: Request) -> Response:
                 "id": job.id,
                 "object": "text_completion",
                 "created": int(time.time()),
-                "model": job.state.model_name,
+                "model": job.model,
                 "choices": sorted(choices, key=lambda c: c["index"]),
                 "usage": job.usage(),
             }

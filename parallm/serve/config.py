@@ -25,7 +25,10 @@ class ServerConfig:
 
     `kv_cache_memory`: bytes, or on a GPU a fraction (0, 1] of the memory free after loading.
     `db`: the key store, a SQLite path or a SQLAlchemy URL (unused with `no_auth`).
-    `ui`: also serve the chat page at /ui (needs the `ui` extra)."""
+    `ui`: also serve the chat page at /ui (needs the `ui` extra).
+    `lora`: LoRA adapters served next to the model, each "NAME=DIR" (a peft directory); a
+    request's `model` names one. `enable_lora` (implied by `lora`) keeps `max_loras` slots for
+    adapters that admin keys load and unload while the server runs."""
 
     model: str  # model directory (HF format)
     served_model_name: str | None = None  # the name in the API; default: `model`
@@ -46,6 +49,10 @@ class ServerConfig:
     no_auth: bool = False  # accept requests without a key (local use)
     ui: bool = False
     log_level: str = "warning"  # uvicorn's
+    lora: tuple[str, ...] = ()  # NAME=DIR each
+    enable_lora: bool = False
+    max_loras: int = 4  # adapters loaded at a time
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -59,8 +66,11 @@ class ServerConfig:
             "max_num_batched_tokens",
             "max_waiting",
             "max_body_bytes",
+            "max_loras",
+            "max_lora_rank",
         ):
             _check_range(name, getattr(self, name), 1)
+        self.lora_adapters()  # each NAME=DIR well-formed, names unique and not the model's
         if self.max_model_len is not None:
             _check_range("max_model_len", self.max_model_len, 1)
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
@@ -77,6 +87,32 @@ class ServerConfig:
     def model_name(self) -> str:
         """The model's name in the API."""
         return self.served_model_name or self.model
+
+    def lora_adapters(self) -> dict[str, str]:
+        """The `--lora` adapters, directory by name (a UserError for a malformed value, a name
+        given twice or the served model's name)."""
+        adapters: dict[str, str] = {}
+        for value in self.lora:
+            name, eq, path = value.partition("=")
+            name, path = name.strip(), path.strip()
+            if not eq or not name or not path or any(c.isspace() for c in name):
+                raise UserError(
+                    f"--lora: {value!r} is not valid; give NAME=DIR (an adapter name without "
+                    "spaces, then its peft directory), e.g. --lora sql=runs/sql/adapter"
+                )
+            if name == self.model_name:
+                raise UserError(
+                    f"--lora: {name!r} is the served model's name; give the adapter another"
+                )
+            if name in adapters:
+                raise UserError(f"--lora: the name {name!r} is given twice")
+            adapters[name] = path
+        if len(adapters) > self.max_loras:
+            raise UserError(
+                f"--max-loras: {self.max_loras} slots cannot hold the {len(adapters)} --lora "
+                f"adapters; give --max-loras {len(adapters)} or more"
+            )
+        return adapters
 
     def engine_config(self) -> EngineConfig:
         """The engine's part of the options (validated by `EngineConfig` too)."""
@@ -95,6 +131,9 @@ class ServerConfig:
             device=self.device,
             tensor_parallel_size=self.tensor_parallel_size,
             attention_backend=self.attention_backend,
+            enable_lora=self.enable_lora or bool(self.lora),
+            max_loras=self.max_loras,
+            max_lora_rank=self.max_lora_rank,
         )
 
 

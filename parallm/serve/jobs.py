@@ -1,7 +1,8 @@
 """One API request as a job of engine requests (one per prompt), shared by /v1/completions and
 /v1/chat/completions: the checks and the key's charge before queueing, what has been sent of each
 choice, the final outputs of a non-streaming request, the SSE stream of a streaming one, and the
-usage and metrics recorded once when it ends, however it ends."""
+usage and metrics recorded once when it ends, however it ends, under the model the request named
+(the base or a LoRA adapter)."""
 
 from __future__ import annotations
 
@@ -53,10 +54,16 @@ class Job:
     params: SamplingParams
     prompts: list[list[int]]
     reserved: int  # tokens reserved in the key's tpm window
+    lora: str | None = None  # the adapter the request named; None: the base model
     arrival: float = field(default_factory=time.monotonic)
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     choices: dict[tuple[int, int], Choice] = field(default_factory=dict)
     recorded: bool = False
+
+    @property
+    def model(self) -> str:
+        """The model name the request gave: the base's or the adapter's."""
+        return self.lora or self.state.model_name
 
     @property
     def request_ids(self) -> list[str]:
@@ -84,6 +91,7 @@ class Job:
         for c in self.choices.values():
             ttft = None if c.first_token_at is None else c.first_token_at - self.arrival
             state.metrics.finished(
+                model=self.model,
                 reason=c.finish_reason or "abort",
                 prompt_tokens=c.prompt_tokens,
                 completion_tokens=c.tokens_sent,
@@ -99,7 +107,7 @@ class Job:
                 state.keystore.record_usage,
                 self.key.id,
                 request_id=self.id,
-                model=state.model_name,
+                model=self.model,
                 prompt_tokens=prompt,
                 completion_tokens=completion,
                 endpoint=self.endpoint,
@@ -133,16 +141,20 @@ def start_job(
     id_prefix: str,
     prompts: list[str | list[int]],
     params: SamplingParams,
+    lora: str | None,
 ) -> Job:
-    """Check every prompt against the context, charge the key, queue the engine requests."""
+    """Check every prompt against the context, charge the key, queue the engine requests
+    (through the adapter `lora`, None for the base)."""
     ids = [state.llm.check_request(p, params) for p in prompts]
     reserved = sum(len(p) for p in ids) + len(ids) * params.n * params.max_tokens
     if key is not None:
         _charge(state, key, reserved)
-    job = Job(state, key, endpoint, f"{id_prefix}-{uuid.uuid4().hex}", params, ids, reserved)
+    job_id = f"{id_prefix}-{uuid.uuid4().hex}"
+    job = Job(state, key, endpoint, job_id, params, ids, reserved, lora)
     try:
         state.engine.add(
-            [(rid, p, params) for rid, p in zip(job.request_ids, ids, strict=True)], job.queue
+            [(rid, p, params, lora) for rid, p in zip(job.request_ids, ids, strict=True)],
+            job.queue,
         )
     except (QueueFullError, EngineDeadError) as e:
         if key is not None:
@@ -265,7 +277,7 @@ def job_chunk(job: Job, choices: list[dict], *, usage: dict | None = None) -> di
         "id": job.id,
         "object": "chat.completion.chunk" if chat else "text_completion",
         "created": int(time.time()),
-        "model": job.state.model_name,
+        "model": job.model,
         "choices": choices,
     }
     if usage is not None:

@@ -1,7 +1,8 @@
 """Prometheus metrics of the server, in a registry of its own (one per app, so tests can run two).
 
-Gauges are read from the engine's last step when `/metrics` is scraped; counters and histograms
-are updated as requests finish.
+Gauges are read from the engine's last step when `/metrics` is scraped (labelled with the
+served model's name); counters and histograms are updated as requests finish, labelled with the
+model each request named: the base or one of its LoRA adapters.
 """
 
 from __future__ import annotations
@@ -76,14 +77,15 @@ class Metrics:
     def finished(
         self,
         *,
+        model: str,
         reason: str,
         prompt_tokens: int,
         completion_tokens: int,
         ttft: float | None,
         e2e: float,
     ) -> None:
-        """Account one finished choice (one of the n samples of one prompt)."""
-        lb = self.labels
+        """Account one finished choice (one of the n samples of one prompt) of `model`."""
+        lb = {"model_name": model}
         self.prompt_tokens.labels(**lb).inc(prompt_tokens)
         self.generation_tokens.labels(**lb).inc(completion_tokens)
         self.requests.labels(**lb, finished_reason=reason).inc()

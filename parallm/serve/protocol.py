@@ -162,6 +162,13 @@ class ChatCompletionRequest(_Sampling):
         return out
 
 
+class LoraAdapterRequest(_Strict):
+    """POST /v1/admin/lora_adapters: load the peft directory `path` (on the server) as `name`."""
+
+    name: str
+    path: str
+
+
 def parse(model: type[BaseModel], body: bytes) -> Any:
     """Validate a JSON body; UserError with the first problem's field path."""
     try:

@@ -1,4 +1,5 @@
-"""`parallm serve`: check the options and the port, load the model, run the app under uvicorn."""
+"""`parallm serve`: check the options, the port and the adapters, load the model and the
+adapters, run the app under uvicorn."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import uvicorn
 from parallm.errors import UserError
 from parallm.extras import import_extra
 from parallm.inference.engine import LLMEngine
+from parallm.inference.lora import check_servable, servable_modules
+from parallm.models.hf import read_family
+from parallm.models.peft_format import read_adapter
 from parallm.serve.app import ServerState, build_app
 from parallm.serve.async_engine import AsyncEngine
 from parallm.serve.config import ServerConfig
@@ -24,14 +28,22 @@ def serve(config: ServerConfig) -> int:
     if config.ui:
         import_extra("parallm.serve.ui", command="serve --ui", extra="ui")
     _check_port_free(config.host, config.port)  # before minutes of loading, not after
+    adapters = _check_adapters(config)
     keystore = None if config.no_auth else KeyStore(config.db)
     # One process: with tensor_parallel_size N it spawns the N - 1 workers itself.
     engine = LLMEngine(config.model, engine_config)
+    try:
+        for name, path in adapters.items():
+            engine.add_lora(name, path, field=f"--lora {name}")
+    except BaseException:
+        engine.close()
+        raise
     state = ServerState(
         engine=AsyncEngine(engine, max_waiting=config.max_waiting),
         model_name=config.model_name,
         keystore=keystore,
         max_body_bytes=config.max_body_bytes,
+        model_path=config.model,
     )
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     own = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
@@ -52,6 +64,20 @@ def serve(config: ServerConfig) -> int:
     if keystore is not None:
         keystore.close()
     return 1 if state.engine.error else 0
+
+
+def _check_adapters(config: ServerConfig) -> dict[str, str]:
+    """The `--lora` adapters, each read and checked against the model's config (no weights
+    loaded yet): a bad one fails in seconds, not after the model has loaded."""
+    adapters = config.lora_adapters()
+    if adapters:
+        _, args = read_family(config.model)
+        modules = set(servable_modules(args))
+        for name, path in adapters.items():
+            field = f"--lora {name}"
+            adapter = read_adapter(path, args, field=field)
+            check_servable(adapter, modules=modules, max_rank=config.max_lora_rank, field=field)
+    return adapters
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -19,12 +19,13 @@ from parallm.serve.ratelimit import RateLimiter
 @dataclass
 class ServerState:
     """What the endpoints share: the engine, the served name, the key store (None: no keys
-    asked), the body limit, the per-key rate limiter and the metrics."""
+    asked), the body limit, the model's directory, the per-key rate limiter and the metrics."""
 
     engine: AsyncEngine
     model_name: str
     keystore: KeyStore | None  # None: --no-auth
     max_body_bytes: int
+    model_path: str | None = None  # the `root` of the base model's card
     limiter: RateLimiter = field(default_factory=RateLimiter)
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics = field(init=False)

@@ -1,4 +1,5 @@
-"""/health and /metrics (no key), /v1/models and /v1/models/{id} (key checked)."""
+"""/health and /metrics (no key), /v1/models and /v1/models/{id} (key checked): the base model,
+then each loaded LoRA adapter with the base as its `parent` (as vLLM lists them)."""
 
 from __future__ import annotations
 
@@ -36,22 +37,31 @@ async def metrics(request: Request) -> Response:
 async def models(request: Request) -> dict:
     state = state_of(request)
     await authorize(state, request)
-    return {"object": "list", "data": [_model_card(state)]}
+    adapters = list(state.llm.adapters.by_name)
+    cards = [model_card(state, None), *(model_card(state, name) for name in adapters)]
+    return {"object": "list", "data": cards}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def model(model_id: str, request: Request) -> dict:
     state = state_of(request)
     await authorize(state, request)
-    check_model(state, model_id)
-    return _model_card(state)
+    return model_card(state, check_model(state, model_id))
 
 
-def _model_card(state: ServerState) -> dict:
-    return {
+def model_card(state: ServerState, adapter: str | None) -> dict:
+    """The card of the base model (None) or of a loaded adapter: its `root` is where it was
+    loaded from, its `parent` the base model."""
+    card = {
         "id": state.model_name,
         "object": "model",
         "created": state.created,
         "owned_by": "parallm",
+        "root": state.model_path or state.model_name,
+        "parent": None,
         "max_model_len": state.llm.max_model_len,
     }
+    loaded = state.llm.adapters.by_name.get(adapter) if adapter is not None else None
+    if loaded is not None:
+        card.update(id=loaded.name, root=loaded.path, parent=state.model_name)
+    return card
