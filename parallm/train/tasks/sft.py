@@ -17,6 +17,7 @@ and so is a truncated conversation left with no assistant token (dropped).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +34,20 @@ ROLES = ("system", "user", "assistant", "tool")
 IDS, ASSISTANT, DOC, POS = range(4)
 
 
+def read_rows(path: Path, task: str) -> Iterator[tuple[str, Any]]:
+    """(where, row) for each row of a `.jsonl` or `.parquet` file (`where` names the line or
+    row for errors); `task` names who reads it, for the error about any other file type."""
+    if path.suffix == ".parquet":
+        yield from ((f"{path}: row {i}", r) for i, r in enumerate(read_parquet(path).to_pylist()))
+    elif path.suffix == ".jsonl":
+        yield from iter_jsonl(path)
+    else:
+        raise UserError(f"{path}: {task} reads .jsonl or .parquet rows, not {path.suffix!r}")
+
+
 def read_conversations(path: Path) -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """(where, messages) for each conversation of a `.jsonl` or `.parquet` file."""
-    if path.suffix == ".parquet":
-        rows = ((f"{path}: row {i}", row) for i, row in enumerate(read_parquet(path).to_pylist()))
-    elif path.suffix == ".jsonl":
-        rows = iter_jsonl(path)
-    else:
-        raise UserError(f"{path}: sft reads .jsonl or .parquet conversations, not {path.suffix!r}")
-    for where, row in rows:
+    for where, row in read_rows(path, "sft"):
         yield where, to_messages(row, where)
 
 
@@ -60,27 +66,39 @@ def to_messages(row: Any, where: str) -> list[dict[str, Any]]:
         messages = list(prompt) + list(completion)
     else:
         raise UserError(f"{where}: no 'messages', nor 'prompt' and 'completion'")
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise UserError(f"{where}: messages must be a list of objects with 'role' and 'content'")
-    for m in messages:
-        if m.get("role") not in ROLES:
-            raise UserError(
-                f"{where}: role {m.get('role')!r} is not valid; valid: {', '.join(ROLES)}"
-            )
+    check_messages(messages, where)
     if not any(m["role"] == "assistant" for m in messages):
         raise UserError(f"{where}: the conversation has no assistant turn to learn from")
     return messages
 
 
-def tokenize_conversation(tokenizer, messages, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and a 0/1 assistant mask (a token is the assistant's when any of its
-    characters is in an assistant span, as `transformers`' assistant mask)."""
+def check_messages(messages: Any, where: str, field: str = "messages") -> None:
+    """A UserError naming the row unless `messages` is a list of objects with a valid role."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise UserError(f"{where}: {field} must be a list of objects with 'role' and 'content'")
+    for m in messages:
+        if m.get("role") not in ROLES:
+            raise UserError(
+                f"{where}: role {m.get('role')!r} is not valid; valid: {', '.join(ROLES)}"
+            )
+
+
+@contextmanager
+def template_errors(where: str):
+    """Chat template failures on a row as one UserError naming the row."""
     try:
-        text, spans = tokenizer.assistant_spans(messages)
+        yield
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
     except Exception as e:  # a template that fails on this conversation (jinja errors)
         raise UserError(f"{where}: chat template failed ({type(e).__name__}: {e})") from None
+
+
+def tokenize_conversation(tokenizer, messages, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and a 0/1 assistant mask (a token is the assistant's when any of its
+    characters is in an assistant span, as `transformers`' assistant mask)."""
+    with template_errors(where):
+        text, spans = tokenizer.assistant_spans(messages)
     ids, offsets = tokenizer.encode_with_offsets(text)
     starts = np.array([o[0] for o in offsets], dtype=np.int64)
     ends = np.array([o[1] for o in offsets], dtype=np.int64)
@@ -90,19 +108,29 @@ def tokenize_conversation(tokenizer, messages, where: str) -> tuple[np.ndarray, 
     return np.asarray(ids, dtype=np.int64), mask
 
 
+def pad_id(tokenizer) -> int:
+    """The id that fills a row after its documents: pad, else EOS, else 0."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id or 0
+
+
 def pack_rows(
-    convs: list[tuple[np.ndarray, np.ndarray]], width: int, pad_id: int, *, packing: bool
+    units: list[list[tuple[np.ndarray, np.ndarray]]], width: int, pad_id: int, *, packing: bool
 ) -> np.ndarray:
-    """(N, 4, width) rows: conversations in order, whole, as many per row as fit (packing) or
-    one per row; padding is its own document with no assistant tokens."""
+    """(N, 4, width) rows of documents (ids, 0/1 mask). A unit (a conversation; a preference
+    pair's two sequences) is never split across rows: units in order, as many per row as fit
+    (packing) or one per row. Each document has its own id and positions from 0; padding is a
+    document of its own with a zero mask."""
     rows: list[list[tuple[np.ndarray, np.ndarray]]] = []
     used = width  # start a new row first
-    for ids, mask in convs:
-        if not packing or used + len(ids) > width:
+    for unit in units:
+        size = sum(len(ids) for ids, _ in unit)
+        if not packing or used + size > width:
             rows.append([])
             used = 0
-        rows[-1].append((ids, mask))
-        used += len(ids)
+        rows[-1].extend(unit)
+        used += size
     out = np.zeros((len(rows), 4, width), dtype=np.int64)
     out[:, IDS] = pad_id
     for r, row in enumerate(rows):
@@ -145,8 +173,7 @@ class SFT(Task):
                 f"data.paths: no conversation with an assistant token fits in data.seq_len + 1 "
                 f"= {width} tokens ({n} read, {dropped} dropped)"
             )
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0
-        rows = pack_rows(convs, width, pad, packing=self.cfg.packing)
+        rows = pack_rows([[c] for c in convs], width, pad_id(tok), packing=self.cfg.packing)
         self.data_summary = (
             f"sft: {n} conversations -> {len(rows)} rows of {width} tokens "
             f"({'packed' if self.cfg.packing else 'padded'}); {truncated} truncated, {dropped} "
