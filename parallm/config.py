@@ -287,16 +287,22 @@ FROZEN_DTYPES = ("float32", "bfloat16")
 
 @dataclass(kw_only=True)
 class TaskConfig:
-    """The training objective (`parallm/train/tasks/`): `pretrain` (causal LM on packed text) or
-    `sft` (conversations, loss on the assistant's tokens).
+    """The training objective (`parallm/train/tasks/`): `pretrain` (causal LM on packed text),
+    `sft` (conversations, loss on the assistant's tokens) or `dpo` (preference pairs).
 
     pretrain: `attention` is `causal` over whole rows, or `document`: packed documents do not
     attend to each other and their positions restart (a document ends at EOS).
     sft: `packing` puts many conversations in a row (per-document attention, positions restart)
     or, when false, one per row padded to `data.seq_len + 1`; a conversation longer than that is
     cut to its first tokens (`overlong = "truncate"`) or left out (`"drop"`), and counted.
-    dpo: preference pairs (`prompt`, `chosen`, `rejected`); `loss` is `sigmoid` (DPO), `ipo`,
-    or `simpo` (reference-free, length-normalised, with margin `simpo_gamma`); `beta` as in TRL.
+    dpo: preference pairs (`prompt`, `chosen`, `rejected`: strings, or message lists rendered
+    with the chat template); `loss` is `sigmoid` (DPO), `ipo` (log-ratios averaged over the
+    completion tokens, as TRL), or `simpo` (reference-free, length-normalised, with margin
+    `simpo_gamma`); `beta` as in TRL. A pair is two documents of one row (`packing`: several
+    pairs a row); a pair longer than a row is dropped or each sequence cut to half a row
+    (`overlong`). The reference is the starting policy: the base under LoRA (adapters off; the
+    starting adapter when `lora.init_from` is set), a frozen copy under full fine-tuning. Data
+    and tensor parallelism and ZeRO work; pipeline and context parallelism are refused.
     """
 
     name: str = "pretrain"

@@ -7,15 +7,22 @@ forward. Each rank backpropagates its own sum times `dp * cp / count`: FSDP aver
 over those dp * cp ranks, so the gradient is the single-process one however unevenly the
 counted tokens fall (masked labels, padding). Tensor-parallel ranks compute the same loss, and
 the pipeline's last stage is the only one that has it.
+
+A task that needs a frozen reference (DPO) gets its logits on every micro-batch first, without
+gradients (`Reference`). The per-unit metrics a task reports (DPO's rewards) are reduced like the
+loss.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
@@ -23,6 +30,7 @@ from parallm.config import ParallelConfig
 from parallm.distributed import pipeline
 from parallm.distributed.parallel_dims import ParallelDims
 from parallm.models.build import canonical_name
+from parallm.models.lora import adapter_disabled
 from parallm.models.registry import family_of_model
 from parallm.train.layout import RankModel
 from parallm.train.tasks import Batch, Task
@@ -31,6 +39,22 @@ from parallm.train.tasks import Batch, Task
 def _value(t: torch.Tensor) -> torch.Tensor:
     """A loss as a plain tensor (under loss_parallel it is a replicated DTensor)."""
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+@dataclass
+class Reference:
+    """The frozen model a task that `needs_reference` is scored against (the starting policy).
+
+    `model` is a frozen copy laid out like the policy (full fine-tuning), or the policy itself
+    (LoRA): then its adapters are switched off for the reference forward (a fresh adapter: the
+    base, no copy of any weight), or, when `start` is given, its trainable parameters (this
+    rank's shards, in `parameters()` order) hold those starting values for it: an adapter it
+    started from, saved modules, which the reference keeps as they were (as TRL's copy of the
+    adapter).
+    """
+
+    model: RankModel
+    start: list[torch.Tensor] | None = None
 
 
 class StepRunner:
@@ -45,9 +69,14 @@ class StepRunner:
         *,
         device: torch.device,
         autocast: torch.dtype | None,
+        reference: Reference | None = None,
     ) -> None:
         self.model, self.dims, self.pcfg, self.task = model, dims, pcfg, task
         self.device, self.autocast = device, autocast
+        assert reference is not None or not task.needs_reference(), "the task needs a reference"
+        self.reference = reference
+        self.metrics: dict[str, float] = {}  # the task's per-unit metrics of the last step
+        self._metric_sums: dict[str, torch.Tensor] = {}
         self.schedule = None
         self.tied_sync = None
         self.loss_scale = torch.ones((), device=device)  # dp * cp / global count, per step
@@ -73,8 +102,12 @@ class StepRunner:
 
     def _loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """This micro-batch's summed loss as its share of the step's global mean (times the
-        dp * cp ranks FSDP averages gradients over)."""
-        return self.task.loss_sum(logits, batch) * self.loss_scale
+        dp * cp ranks FSDP averages gradients over); its metric sums are kept."""
+        loss, metrics = self.task.loss_and_metrics(logits, batch)
+        for name, value in metrics.items():
+            value = _value(value).detach().float()
+            self._metric_sums[name] = self._metric_sums.get(name, 0) + value
+        return loss * self.loss_scale
 
     def _forward_loss(self, batch: Batch) -> torch.Tensor:
         """The one model part's forward on `batch` and its loss share (no pipeline)."""
@@ -83,6 +116,45 @@ class StepRunner:
                 batch.input_ids, batch.position_ids, batch.document_ids, attention=batch.attention
             )
         return self._loss(logits, batch)
+
+    @torch.no_grad()
+    def _with_reference(self, batch: Batch) -> Batch:
+        """`batch` with what the task keeps of the reference model's logits in its extras."""
+        ref = self.reference
+        model = ref.model.parts[0]
+        if ref.model is not self.model:
+            weights = nullcontext()
+        elif ref.start is None:
+            weights = adapter_disabled(model)
+        else:
+            weights = self._trainable_set_to(ref.start)
+        with weights, self._loss_ctx(), self._autocast_ctx():
+            logits = model(
+                batch.input_ids, batch.position_ids, batch.document_ids, attention=batch.attention
+            )
+            extras = self.task.reference_extras(logits, batch)
+        if ref.model is not self.model or ref.start is not None:
+            # ZeRO-1/2 keep parameters gathered after forward until backward reshards them: a
+            # frozen copy has no backward (free them now), and the policy must not run on the
+            # starting values gathered for the reference.
+            for module in model.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+        return dataclasses.replace(batch, extras={**batch.extras, **extras})
+
+    @contextmanager
+    def _trainable_set_to(self, values: list[torch.Tensor]):
+        """The policy's trainable parameters hold `values` (same shards) inside the block."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        assert len(params) == len(values)
+        current = [p.detach().clone() for p in params]
+        for p, v in zip(params, values, strict=True):
+            p.detach().copy_(v)
+        try:
+            yield
+        finally:
+            for p, v in zip(params, current, strict=True):
+                p.detach().copy_(v)
 
     def _pipeline_loss(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         # The schedule splits the target, the micro-batch's row indices, as it splits inputs.
@@ -109,6 +181,15 @@ class StepRunner:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)
 
+    def _prepare_all(self, micro_batches: list[Batch]) -> list[Batch]:
+        """Each micro-batch prepared, with the reference's extras if the task needs them (all
+        before any policy forward); the metric sums restart."""
+        self._metric_sums = {}
+        micro_batches = [self._prepare(b) for b in micro_batches]
+        if self.task.needs_reference():
+            micro_batches = [self._with_reference(b) for b in micro_batches]
+        return micro_batches
+
     def _prepare(self, batch: Batch) -> Batch:
         """On this device, and this rank's part of every sequence under context parallelism."""
         batch = batch.to(self.device)
@@ -125,8 +206,8 @@ class StepRunner:
 
     def forward_backward(self, micro_batches: list[Batch]) -> float:
         """Accumulate gradients over `micro_batches`; return the global mean loss (all ranks)."""
-        micro_batches = [self._prepare(b) for b in micro_batches]
-        self._set_loss_scale(micro_batches)
+        micro_batches = self._prepare_all(micro_batches)
+        count = self._set_loss_scale(micro_batches)
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
             if self.schedule is not None:
@@ -143,6 +224,7 @@ class StepRunner:
         self._settle_grads()
         if self.tied_sync is not None:
             self.tied_sync()
+        self.metrics = self._global_metrics(count)
         return self._global_mean(total)
 
     def _settle_grads(self) -> None:
@@ -160,7 +242,7 @@ class StepRunner:
     def evaluate(self, micro_batches: list[Batch]) -> tuple[float, float]:
         """The global mean loss of a batch without training (forward only), and the global
         number of counted units it averages over (to weigh batches of an evaluation set)."""
-        micro_batches = [self._prepare(b) for b in micro_batches]
+        micro_batches = self._prepare_all(micro_batches)
         count = self._set_loss_scale(micro_batches)
         total = torch.zeros((), device=self.device)
         for batch in micro_batches:
@@ -169,6 +251,7 @@ class StepRunner:
                 continue
             with self._loss_ctx():
                 total += _value(self._forward_loss(batch))
+        self.metrics = self._global_metrics(count)
         return self._global_mean(total), count
 
     def _pipeline_micro_batch(self, batch: Batch, *, train: bool = True) -> torch.Tensor:
@@ -206,6 +289,21 @@ class StepRunner:
         value = value.reshape(1).clone()
         dist.all_reduce(value)
         return float(value)
+
+    def _global_metrics(self, count: float) -> dict[str, float]:
+        """The task's metric sums as means over the global count of units (the ranks that hold
+        the loss add theirs). Not under pipeline parallelism, where only the last stage knows
+        which metrics there are."""
+        d = self.dims
+        if not self._metric_sums or d.pp > 1:
+            return {}
+        names = sorted(self._metric_sums)
+        sums = torch.stack([self._metric_sums[n].to(self.device) for n in names])
+        if dist.is_initialized():
+            if not (self.model.has_last_stage and d.coordinate("tp") == 0):
+                sums = torch.zeros_like(sums)
+            dist.all_reduce(sums)
+        return {n: float(v) / max(count, 1.0) for n, v in zip(names, sums, strict=True)}
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Clip to the global norm over every mesh axis (0: only measure); returns the norm."""

@@ -40,7 +40,7 @@ from parallm.train.data import PackedDataLoader, PackedDataset, RowDataset, find
 from parallm.train.layout import RankModel, build_rank_model
 from parallm.train.metrics import MetricsLog, Progress, device_peak_flops, flops_per_token
 from parallm.train.optim import Optimizers, lr_at
-from parallm.train.step import StepRunner
+from parallm.train.step import Reference, StepRunner
 from parallm.train.tasks import make_task
 from parallm.utils.fs import write_json_atomic, write_text_atomic
 
@@ -116,6 +116,7 @@ class Trainer:
                 args.bos_token_id = self.tokenizer.bos_token_id
                 args.eos_token_id = self.tokenizer.eos_token_id
                 args.pad_token_id = self.tokenizer.pad_token_id
+        self.task = make_task(cfg.task, tokenizer=self.tokenizer)
         self._validate(args)
         self.args = args
         self.lora = cfg.lora.spec()
@@ -136,10 +137,12 @@ class Trainer:
             adapter=adapter.tensors if adapter is not None else None,
             frozen_dtype=torch.bfloat16 if frozen_bf16 else None,
         )
+        self.reference = self._build_reference(
+            args, param_dtype=torch.bfloat16 if fsdp_bf16 else None
+        )
         self.optimizer = Optimizers(
             self.model.parts, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.eps
         )
-        self.task = make_task(cfg.task, tokenizer=self.tokenizer)
         dataset = self._build_dataset(files, args)
         self.held_out = None
         if d.eval_fraction > 0:
@@ -153,7 +156,13 @@ class Trainer:
         bf16 = (self._wants_bf16() and not fsdp_bf16) or frozen_bf16
         autocast = torch.bfloat16 if bf16 else None
         self.runner = StepRunner(
-            self.model, self.dims, p, self.task, device=self.device, autocast=autocast
+            self.model,
+            self.dims,
+            p,
+            self.task,
+            device=self.device,
+            autocast=autocast,
+            reference=self.reference,
         )
         self._log_start(files, dataset)
         self.step = 0
@@ -178,6 +187,12 @@ class Trainer:
         """Every check that needs no communication, so a bad layout fails on every rank alike."""
         cfg, p = self.cfg, self.cfg.parallel
         facts = family_of_args(args).facts(args)
+        self.task.check_layout(self.dims)
+        if cfg.data.random_tokens and not self.task.random_tokens:
+            raise UserError(
+                f"data.random_tokens: task.name={cfg.task.name!r} trains on its data files "
+                "(data.paths), not on random token ids; set data.random_tokens = 0"
+            )
         if self.tokenizer is not None and facts.vocab_size < self.tokenizer.vocab_size:
             raise UserError(
                 f"model.vocab_size: {facts.vocab_size} is smaller than the tokenizer's "
@@ -244,6 +259,33 @@ class Trainer:
                 f"{adapter.spec.r}, but lora.r is {self.lora.r}; set lora.r = {adapter.spec.r}"
             )
         return adapter
+
+    def _build_reference(self, args, *, param_dtype: torch.dtype | None) -> Reference | None:
+        """The frozen model the task scores the policy against, if it needs one: the policy as
+        it starts. Under LoRA the policy itself, its fresh adapters switched off (the base, no
+        copy of any weight), or, when it starts from an adapter or trains saved modules, with
+        their starting values (a copy of the adapter's size) put back for the reference
+        forward. Under full fine-tuning a frozen copy built like the policy (same layout)."""
+        if not self.task.needs_reference():
+            return None
+        cfg = self.cfg
+        if self.lora is not None:
+            if cfg.lora.init_from is None and not self.lora.modules_to_save:
+                return Reference(self.model)
+            start = [p.detach().clone() for p in self.model.parameters() if p.requires_grad]
+            return Reference(self.model, start)
+        reference = build_rank_model(
+            args,
+            cfg.parallel,
+            self.dims,
+            self.device,
+            seed=cfg.train.seed,
+            hf_path=cfg.model.path,
+            param_dtype=param_dtype,
+        )
+        for p in reference.parameters():
+            p.requires_grad_(False)
+        return Reference(reference)
 
     def _loader(self, dataset: PackedDataset | RowDataset) -> PackedDataLoader:
         t = self.cfg.train
@@ -312,6 +354,15 @@ class Trainer:
             f"layout: pp={d.pp} dp_replicate={d.dp_replicate} dp_shard={d.dp_shard} cp={d.cp} "
             f"tp={d.tp}{zero}"
         )
+        ref = self.reference
+        if ref is not None:
+            if ref.model is not self.model:
+                what = "a frozen copy of the starting weights, laid out like the policy"
+            elif ref.start is None:
+                what = "the base model (LoRA adapters off)"
+            else:
+                what = "the policy with its starting adapter and saved modules"
+            self.log(f"reference: {what}")
         epochs = cfg.train.steps * cfg.train.batch_size / len(dataset)
         self.log(
             f"data: {f'{len(files)} files' if files else 'random token ids'}, {dataset.num_tokens:,} tokens -> {len(dataset):,} "
@@ -370,6 +421,7 @@ class Trainer:
             group["lr"] = lr
         batch = self.task.batch(self.data.next_rows())
         loss = self.runner.forward_backward(batch.split(t.micro_batch_size))
+        metrics = self.runner.metrics
         grad_norm = self.runner.clip_grad_norm(t.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -387,6 +439,7 @@ class Trainer:
             "tokens_per_s": tokens / elapsed,
             "tokens_per_s_per_device": tokens / elapsed / self.world,
             "step_time_s": elapsed,
+            **metrics,
         }
         if self.peak_flops is not None:
             record["mfu"] = tokens * self.flops_per_token / elapsed / self.peak_flops / self.world

@@ -7,7 +7,9 @@ shards token tensors over context-parallel ranks, runs plain or pipelined forwar
 normalises the loss by the *global* number of counted units (`Task.count`: tokens with a label,
 pairs, sequences, ...), summed over data- and context-parallel ranks and every micro-batch
 before the step. So a task only says what one unit's loss is, and every layout computes the
-single-process loss, whatever each rank holds.
+single-process loss, whatever each rank holds. A task that scores the policy against a frozen
+reference (DPO) says so (`needs_reference`): the step runs the reference on each batch first and
+the task keeps what it needs of its logits in `Batch.extras`.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ class Task(ABC):
 
     name: str = ""
     data_summary: str = ""  # what `dataset` made of the files, for the log (counts, drops)
+    random_tokens: bool = True  # can train on random token ids (`data.random_tokens`)
 
     def __init__(self, cfg, *, tokenizer=None) -> None:
         self.cfg = cfg  # the `[task]` section
@@ -131,6 +134,27 @@ class Task(ABC):
     def loss_sum(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The sum of the counted units' losses; logits (B, T, vocab), maybe vocab-sharded."""
 
+    def loss_and_metrics(
+        self, logits: torch.Tensor, batch: Batch
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`loss_sum` and sums over the counted units of what the step log reports per unit
+        (detached; the step divides them by the global count, like the loss)."""
+        return self.loss_sum(logits, batch), {}
+
+    def check_layout(self, dims) -> None:
+        """A UserError, before anything is built, for a layout (`ParallelDims`) this task
+        cannot run on; every layout by default."""
+        return None
+
+    def needs_reference(self) -> bool:
+        """Whether the step runs the frozen reference model on each batch first (its logits go
+        through `reference_extras` into `Batch.extras`)."""
+        return False
+
+    def reference_extras(self, logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        """Per-row tensors (B, ...) from the reference model's logits on `batch`."""
+        raise NotImplementedError(f"task {self.name!r} uses no reference model")
+
 
 def next_token_loss_sum(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Summed cross entropy of the counted labels (float32; vocabulary-sharded logits work under
@@ -154,7 +178,7 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 
 def task_names() -> list[str]:
-    from parallm.train.tasks import pretrain, sft  # noqa: F401  (the built-in tasks register)
+    from parallm.train.tasks import dpo, pretrain, sft  # noqa: F401  (built-ins register)
 
     return sorted(TASKS)
 
