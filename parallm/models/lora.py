@@ -110,7 +110,14 @@ class LoraLinear(nn.Module):
         if self.tp_input is not None and not isinstance(h, DTensor):
             mesh, placement = self.tp_input
             h = DTensor.from_local(h, mesh, [placement], run_check=False)
-        delta = self.lora_B(self.lora_A(h.to(self.lora_A.weight.dtype))) * self.scaling
+        # The scale multiplies the (tokens, r) activations, not the (tokens, out) delta.
+        delta = self.lora_B(self.lora_A(h.to(self.lora_A.weight.dtype)) * self.scaling)
+        if self.tp_input is None:
+            # Plain tensors: add into the base output in place (a linear layer does not keep
+            # its output for backward). With the scale above, two fewer (tokens, out_features)
+            # temporaries per adapted layer: ~150 MiB less peak RSS in a CPU SFT step
+            # (`parallm bench train --task sft`). Under TP the output may be a DTensor view.
+            return out.add_(delta.to(out.dtype))
         if isinstance(delta, DTensor):
             # Column-parallel: the base gave its local output shard, the delta is sharded alike.
             # Row-parallel: the delta is a partial sum; reduce it to the base output's layout.
