@@ -144,7 +144,7 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
     from parallm.bench import train as bench_train
 
     parsed = bench_train.parser().parse_args(rest)
-    if parsed.nproc <= 1:
+    if parsed.nproc <= 1 or parsed.task == "sft":  # sft starts its own processes
         return bench_train.main(rest)
     import subprocess
 
