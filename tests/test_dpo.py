@@ -1,7 +1,8 @@
 """Preference optimisation (`task.name = "dpo"`): the loss and rewards equal TRL's on the same model
 and pairs (DPO sigmoid and IPO against `DPOTrainer`, SimPO against `CPOTrainer`), tokenised
-identically; pairs packed into rows score as pairs alone; the reference is the base under LoRA
-and a frozen copy under full fine-tuning; data parallel / ZeRO equals one process; bad pairs and
+identically; pairs packed into rows score as pairs alone; the reference is the starting policy
+(the base under a fresh LoRA adapter, the adapter a run starts from, a frozen copy under full
+fine-tuning); data parallel, ZeRO and tensor parallel equal one process; bad pairs and
 unsupported layouts are one error line.
 
 Test-only: `trl`, `peft`, `transformers` and `datasets` are references, never used by parallm.
