@@ -25,7 +25,7 @@ import argparse
 import json
 import statistics
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -364,81 +364,79 @@ def save_sft_chart(report: dict[str, Any], path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def sft_main(args: argparse.Namespace) -> int:
-    """Make the workload, run the engines interleaved in fresh processes, report."""
+def check_sft_args(args: argparse.Namespace) -> bool:
+    """One-line errors before anything is made; whether the peer runs."""
     import importlib.util
-    import os
-    import platform
-
-    import torch
 
     from parallm.errors import UserError
-    from parallm.models.hf import read_family
-    from parallm.utils.fs import write_json_atomic
 
     if args.nproc != 1:
         raise UserError("--nproc: --task sft runs one process per engine; leave --nproc at 1")
     for name in ("rounds", "steps", "batch"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name}: {getattr(args, name)} is not valid; must be >= 1")
-    micro = args.micro_batch or args.batch
-    if args.batch % micro:
-        raise UserError(f"--micro-batch: {micro} must divide --batch {args.batch}")
+    if args.batch % (args.micro_batch or args.batch):
+        raise UserError(f"--micro-batch: {args.micro_batch} must divide --batch {args.batch}")
     if args.lora < 0:
         raise UserError(f"--lora: {args.lora} is not valid; give a rank >= 1 (0: no LoRA)")
     peer = args.lora > 0 and not args.no_peer
     if peer and not all(importlib.util.find_spec(m) for m in ("transformers", "peft")):
         raise UserError("--lora: the peer needs transformers and peft; install them or --no-peer")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out = Path(args.out)
-    data, model_dir = sft_workload(args, out)
-    engines = ["full", *(["lora"] if args.lora else []), *(["peer"] if peer else []), "padded"]
-    targets = ALL_LINEAR if args.lora_targets == "all-linear" else args.lora_targets.split(",")
+    return peer
+
+
+def run_rounds(
+    base: SftRun, engines: list[str], rounds: int
+) -> tuple[dict[str, list[dict]], list[float]]:
+    """Every engine once per round, each in a fresh process, the order rotated by one per round
+    (no engine always runs first, after the workload is made, or after the same neighbour);
+    the results by engine, and the machine's load at each run in the order they ran."""
     runs: dict[str, list[dict]] = {e: [] for e in engines}
     loads = []
-    for r in range(args.rounds):
+    for r in range(rounds):
         for engine in engines[r % len(engines) :] + engines[: r % len(engines)]:
-            run = SftRun(
+            run = replace(
+                base,
                 engine=engine,
                 round=r,
-                model_dir=str(model_dir),
-                data=str(data),
-                seq_len=args.seq_len,
-                batch=args.batch,
-                micro_batch=micro,
-                warmup=args.warmup,
-                steps=args.steps,
                 packing=engine != "padded",
-                lora_r=0 if engine == "full" else args.lora,
-                lora_alpha=args.lora_alpha or 2.0 * args.lora,
-                targets=list(targets),
-                device=device,
-                threads=args.threads,
-                seed=args.seed,
-                sets=list(args.set),
-                out=str(out / "runs" / f"{r}-{engine}"),
+                lora_r=0 if engine == "full" else base.lora_r,
+                out=str(Path(base.out) / "runs" / f"{r}-{engine}"),
             )
             result = spawn(run)
             runs[engine].append(result)
             loads.append(result["load_1min"])
             print(
-                f"round {r + 1}/{args.rounds} {engine:<7} {result['tokens_per_s']:9.0f} tok/s "
+                f"round {r + 1}/{rounds} {engine:<7} {result['tokens_per_s']:9.0f} tok/s "
                 f"{result['tokens_per_cpu_s']:9.0f} tok/CPU-s  peak {result['peak_memory_mib']:.0f} "
                 f"MiB  load {result['load_1min']:.2f}",
                 flush=True,
             )
-    spec, margs = read_family(model_dir)
+    return runs, loads
+
+
+def sft_meta(args: argparse.Namespace, base: SftRun, peer: bool, loads: list[float]) -> dict:
+    """What was measured, on what: the report's fields beside the engines."""
+    import os
+    import platform
+
+    import torch
+
+    from parallm.models.hf import read_family
+
+    spec, margs = read_family(base.model_dir)
     versions = {"torch": torch.__version__}
     if peer:
         import peft
         import transformers
 
         versions |= {"transformers": transformers.__version__, "peft": peft.__version__}
-    meta = {
+    lora = {"r": args.lora, "alpha": base.lora_alpha, "targets": base.targets}
+    return {
         "task": "sft",
         "shape": args.shape,
         "parameters": spec.facts(margs).num_params,
-        "device": device,
+        "device": base.device,
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
@@ -449,24 +447,60 @@ def sft_main(args: argparse.Namespace) -> int:
             "tokens_per_s: every input position of a row, batch x seq_len per step (padding "
             "included); label_tokens_per_s: positions with a label (assistant tokens)"
         ),
-        "memory": "peak RSS of the run's process" if device == "cpu" else "max_memory_allocated",
+        "memory": "peak RSS of the run's process"
+        if base.device == "cpu"
+        else "max_memory_allocated",
         "workload": {
             "seq_len": args.seq_len,
             "batch": args.batch,
-            "micro_batch": micro,
+            "micro_batch": base.micro_batch,
             "warmup": args.warmup,
             "steps": args.steps,
             "rounds": args.rounds,
             "seed": args.seed,
             "turns": list(args.turns),
             "words": list(args.words),
-            **row_stats(model_dir, data, args.seq_len, args.seed),
+            **row_stats(Path(base.model_dir), Path(base.data), args.seq_len, args.seed),
         },
-        "lora": {"r": args.lora, "alpha": run.lora_alpha, "targets": list(targets)}
-        if args.lora
-        else None,
+        "lora": lora if args.lora else None,
     }
-    report = sft_report(runs, meta)
+
+
+def sft_main(args: argparse.Namespace) -> int:
+    """Make the workload, run the engines interleaved in fresh processes, report."""
+    import importlib.util
+
+    import torch
+
+    from parallm.utils.fs import write_json_atomic
+
+    peer = check_sft_args(args)
+    out = Path(args.out)
+    data, model_dir = sft_workload(args, out)
+    targets = ALL_LINEAR if args.lora_targets == "all-linear" else args.lora_targets.split(",")
+    base = SftRun(
+        engine="",
+        round=0,
+        model_dir=str(model_dir),
+        data=str(data),
+        seq_len=args.seq_len,
+        batch=args.batch,
+        micro_batch=args.micro_batch or args.batch,
+        warmup=args.warmup,
+        steps=args.steps,
+        packing=True,
+        lora_r=args.lora,
+        lora_alpha=args.lora_alpha or 2.0 * args.lora,
+        targets=list(targets),
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        threads=args.threads,
+        seed=args.seed,
+        sets=list(args.set),
+        out=str(out),
+    )
+    engines = ["full", *(["lora"] if args.lora else []), *(["peer"] if peer else []), "padded"]
+    runs, loads = run_rounds(base, engines, args.rounds)
+    report = sft_report(runs, sft_meta(args, base, peer, loads))
     write_json_atomic(out / "report.json", report)
     print(format_sft(report), flush=True)
     print(f"saved {out / 'report.json'}", flush=True)
