@@ -55,6 +55,8 @@ class ServerConfig:
     max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
+        # argparse gives None (no --lora) or a list; the config holds a tuple either way.
+        object.__setattr__(self, "lora", tuple(self.lora or ()))
         if not self.model:
             raise UserError("--model: '' is not valid; give a model directory")
         if self.served_model_name == "":
