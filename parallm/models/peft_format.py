@@ -295,6 +295,14 @@ def start_adapter(spec: LoraSpec, args: Any, init_from: str | None) -> Adapter |
     run before any process is launched."""
     model = family_of_args(args).build(args)
     check_targets(model, spec)
+    for name, source in family_of_args(args).tied(args).items():
+        for saved in spec.modules_to_save:
+            if any(w.split(".")[-2] == saved for w in (name, source)):
+                raise UserError(
+                    f"lora.modules_to_save: {saved!r} shares its weight with "
+                    f"{source if name.split('.')[-2] == saved else name} (tied embeddings), "
+                    "which a peft adapter cannot save; leave it out or train without tying"
+                )
     if init_from is None:
         return None
     adapter = read_adapter(init_from, args, field="lora.init_from")

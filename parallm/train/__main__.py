@@ -38,7 +38,9 @@ def run(job: str, overrides: list[str], *, resume: bool) -> int:
     if trainer.rank == 0:
         print(summary(records), flush=True)
         if trainer.step == cfg.train.steps and cfg.checkpoint.export_hf:
-            print(f"saved Hugging Face directory {trainer.out / 'hf'}", flush=True)
+            what = "LoRA adapter (peft format)" if trainer.lora else "Hugging Face directory"
+            where = trainer.out / ("adapter" if trainer.lora else "hf")
+            print(f"saved {what} {where}", flush=True)
             if cfg.generate.max_tokens > 0:
                 print("--- sample ---\n" + trainer.sample(), flush=True)
     return 0

@@ -24,10 +24,15 @@ from parallm.distributed.parallel_dims import ParallelDims
 from parallm.errors import UserError
 from parallm.generate import generate
 from parallm.inference.sampling import SamplingParams
-from parallm.models import lora
 from parallm.models.build import canonical_name
 from parallm.models.hf import load_pretrained, read_args, save_state_dict
-from parallm.models.peft_format import Adapter, merge_adapter, read_adapter, save_adapter
+from parallm.models.peft_format import (
+    Adapter,
+    merge_adapter,
+    read_adapter,
+    save_adapter,
+    start_adapter,
+)
 from parallm.models.registry import family, family_of_args
 from parallm.tokenizer import (
     DEFAULT_CHAT_TEMPLATE,
@@ -249,16 +254,7 @@ class Trainer:
         """Check `[lora]` against the model (on `meta`); the adapter to start from, if any."""
         if self.lora is None:
             return None
-        lora.check_targets(family_of_args(args).build(args), self.lora)
-        if self.cfg.lora.init_from is None:
-            return None
-        adapter = read_adapter(self.cfg.lora.init_from, args, field="lora.init_from")
-        if adapter.spec.r != self.lora.r:
-            raise UserError(
-                f"lora.init_from: the adapter in {self.cfg.lora.init_from} has rank "
-                f"{adapter.spec.r}, but lora.r is {self.lora.r}; set lora.r = {adapter.spec.r}"
-            )
-        return adapter
+        return start_adapter(self.lora, args, self.cfg.lora.init_from)
 
     def _build_reference(self, args, *, param_dtype: torch.dtype | None) -> Reference | None:
         """The frozen model the task scores the policy against, if it needs one: the policy as
