@@ -110,10 +110,21 @@ class StepRunner:
         return loss * self.loss_scale
 
     def _forward_loss(self, batch: Batch) -> torch.Tensor:
-        """The one model part's forward on `batch` and its loss share (no pipeline)."""
+        """The one model part's forward on `batch` and its loss share (no pipeline). For a task
+        that reads only labelled positions, the output head and the loss run on those alone
+        (SFT: a fraction of the tokens; the head is most of a small model's time). Not under
+        tensor parallelism, whose head works on sequence shards."""
+        rows = None
+        if self.task.labelled_logits_only and self.dims.tp == 1:
+            rows = batch.loss_mask  # (B, T)
+            batch = dataclasses.replace(batch, labels=batch.labels[rows][None])  # (1, N)
         with self._autocast_ctx():
             logits = self.model.parts[0](
-                batch.input_ids, batch.position_ids, batch.document_ids, attention=batch.attention
+                batch.input_ids,
+                batch.position_ids,
+                batch.document_ids,
+                attention=batch.attention,
+                logit_rows=rows,
             )
         return self._loss(logits, batch)
 

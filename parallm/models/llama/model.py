@@ -238,7 +238,8 @@ class Transformer(nn.Module):
         `attention` (default: causal) with `documents=True`. Returns logits (B, T, vocab), or
         hidden states on a stage without `lm_head`. `logit_rows` (R,) keeps only those token
         indices before the output head, (B, R, vocab): the serving engine needs the logits of
-        one token per sequence, not of every prompt token.
+        one token per sequence, not of every prompt token. A boolean (B, T) `logit_rows` keeps
+        the positions it marks, (1, N, vocab) in row-major order (a loss over labelled tokens).
         """
         h = self.embed_tokens(input_ids) if self.embed_tokens is not None else input_ids
         b, t = h.shape[:2]
@@ -250,7 +251,7 @@ class Transformer(nn.Module):
         for layer in self.layers.values():
             h = layer(h, cos, sin, attn, backend)
         if logit_rows is not None:
-            h = h[:, logit_rows]
+            h = h[logit_rows][None] if logit_rows.dtype == torch.bool else h[:, logit_rows]
         if self.norm is not None:
             h = self.norm(h)
         return self.lm_head(h) if self.lm_head is not None else h

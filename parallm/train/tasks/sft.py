@@ -190,5 +190,7 @@ class SFT(Task):
         attention = AttentionSpec.of_kind("document")
         return Batch(ids[:, :-1], labels, pos[:, :-1], docs[:, :-1], attention)
 
+    labelled_logits_only = True  # most positions are prompts or padding
+
     def loss_sum(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         return next_token_loss_sum(logits, batch)
