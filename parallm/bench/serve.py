@@ -26,7 +26,6 @@ import math
 import os
 import sys
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ import numpy as np
 from parallm.bench import parse_len_range
 from parallm.errors import UserError
 from parallm.serve.sse_client import error_message, parse_sse
-from parallm.utils.fs import write_json_atomic
+from parallm.utils.fs import save_figure_atomic, write_json_atomic
 
 LATENCIES = ("ttft", "tpot", "itl", "e2e")
 
@@ -422,13 +421,7 @@ def save_plot(reports: list[dict[str, Any]], path: Path) -> None:
         if ax.lines:
             ax.legend()
     fig.tight_layout()
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    save_figure_atomic(fig, path)
 
 
 # -- command line -----------------------------------------------------------------------------

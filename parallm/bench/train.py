@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from parallm.bench.train_peer import SftRun
+from parallm.utils.fs import save_figure_atomic
 
 # Published shapes (config.json of each model family's release), for benchmarks only.
 SHAPES: dict[str, dict[str, Any]] = {
@@ -328,8 +329,6 @@ def format_sft(report: dict[str, Any]) -> str:
 def save_sft_chart(report: dict[str, Any], path: Path) -> None:
     """Bars of each engine's medians (tokens/s, per CPU-second, label tokens/s, peak memory),
     each round a dot; written through a temporary name."""
-    import os
-    import uuid
 
     import matplotlib
 
@@ -355,13 +354,7 @@ def save_sft_chart(report: dict[str, Any], path: Path) -> None:
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle(f"SFT on {report['shape']}, {report['device']}: medians of interleaved rounds")
     fig.tight_layout()
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    save_figure_atomic(fig, path)
 
 
 def check_sft_args(args: argparse.Namespace) -> bool:

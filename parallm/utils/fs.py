@@ -57,6 +57,20 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, path)
 
 
+def save_figure_atomic(fig, path: str | os.PathLike) -> None:
+    """Save a matplotlib figure as PNG through a temporary name, then close it."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
 def read_text(path: str | os.PathLike, what: str = "file") -> str:
     """The text of `path`; a missing or unreadable file is a UserError naming it."""
     path = Path(path)
