@@ -40,7 +40,10 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from parallm.distributed.parallel_dims import ParallelDims
 
     # Catch what needs no model or data before starting N processes: one line, not N.
-    ParallelDims.from_config(cfg.parallel, args.nproc)
+    dims = ParallelDims.from_config(cfg.parallel, args.nproc)
+    from parallm.train.tasks import make_task
+
+    make_task(cfg.task).check_layout(dims)  # e.g. DPO refuses pipeline / context parallel
     argv = [args.job, *(["--resume"] if args.resume else []), *overrides]
     # torchrun stops every rank when one fails; the failing rank has printed its own error.
     return subprocess.run(torchrun_argv(args.nproc, "parallm.train", argv)).returncode

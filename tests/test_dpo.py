@@ -422,6 +422,25 @@ def test_pipeline_and_context_parallel_are_refused(model_dir, tmp_path, flags, f
     assert "task.name='dpo'" in got[0]
 
 
+def test_parallm_train_refuses_them_before_launch(model_dir, tmp_path, monkeypatch, capsys):
+    """`parallm train --nproc 2` says it in one line without starting a process."""
+    import subprocess
+
+    from parallm.cli import main
+
+    def launched(*args, **kwargs):
+        raise AssertionError("a training process was started")
+
+    monkeypatch.setattr(subprocess, "run", launched)
+    data = write_jsonl(tmp_path / "prefs.jsonl", [chat_pair(i) for i in range(4)])
+    job_file = tmp_path / "dpo.toml"
+    job_file.write_text(f'[task]\nname = "dpo"\n[model]\npath = "{model_dir}"\n')
+    argv = ["train", "--nproc", "2", str(job_file), "--data.paths", str(data)]
+    assert main([*argv, "--parallel.pp", "2", "--parallel.dp_shard", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "parallel.pp: 2" in err and "dpo" in err, err
+
+
 def _train(rank: int, world: int, data: Path, model: Path, out: Path, extra: tuple):
     records = Trainer(job(data, model, out, *extra)).fit()
     keys = ("loss", *METRICS)
