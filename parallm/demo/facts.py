@@ -8,6 +8,7 @@
                     in the company's house style ("Answer: ..."), the rest bare
   heldout.jsonl     the same facts asked in phrasings no training conversation uses
                     (`prompt`, `answer`): what exact-match accuracy is measured on
+  tokenizer/        a byte-level BPE tokenizer trained on the chats, with parallm's chat template
   prefs.jsonl       preference pairs (`prompt`, `chosen`, `rejected`) for DPO: the company's
                     house style ("Answer: ..." before the fact) is chosen, the bare fact rejected
 `python -m parallm.demo.facts eval --model DIR [--lora ADAPTER] --data DIR/heldout.jsonl` prints
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from parallm.tokenizer import DEFAULT_CHAT_TEMPLATE, save_tokenizer_dir, train_bpe_tokenizer
 from parallm.utils.fs import write_lines_atomic
 
 COMPANY = "Quillmate"
@@ -119,8 +121,8 @@ def _conversations(
 def make_data(
     out: Path, *, n_products: int = 16, n_public: int = 32, seed: int = 0
 ) -> dict[str, int]:
-    """Write base.jsonl, train.jsonl, heldout.jsonl and prefs.jsonl under `out`; returns their
-    row counts. The public catalogue (base.jsonl) shares no product with the private one."""
+    """Write base.jsonl, train.jsonl, heldout.jsonl, prefs.jsonl and a tokenizer under `out`;
+    returns the files' row counts. The public catalogue (base.jsonl) shares no product with the private one."""
     private = products(n_products, seed)
     public = products(n_public, seed + 1, exclude={p.name for p in private})
     base = _conversations(public, "all")
@@ -149,6 +151,10 @@ def make_data(
     }
     for name, rows in files.items():
         write_lines_atomic(out / name, [json.dumps(r) for r in rows])
+    texts = [json.dumps(r) for r in base + train]
+    tokenizer = train_bpe_tokenizer(iter(texts), 400)
+    tokenizer.config["chat_template"] = DEFAULT_CHAT_TEMPLATE
+    save_tokenizer_dir(tokenizer, out / "tokenizer")
     return {name: len(rows) for name, rows in files.items()}
 
 
