@@ -124,3 +124,12 @@ def test_bad_options_fail_in_one_line(capsys, tmp_path, extra, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out").exists()  # nothing was made
+
+
+def test_a_zero_denominator_has_no_ratio():
+    """A tiny run's training memory can round to 0 MiB: that round has no ratio (None), the
+    median is over the others, and the report still prints (CI saw a ZeroDivisionError)."""
+    runs = {"a": [{"m": 2.0}, {"m": 3.0}], "b": [{"m": 0.0}, {"m": 1.5}]}
+    assert bench.ratio(runs, "a", "b", "m") == {"per_round": [None, 2.0], "median": 2.0}
+    assert bench.ratio({"a": [{"m": 1.0}], "b": [{"m": 0.0}]}, "a", "b", "m")["median"] is None
+    assert bench._times(None) == "n/a"

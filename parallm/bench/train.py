@@ -250,9 +250,14 @@ def torch_rows(rows):
 
 
 def ratio(runs: dict[str, list[dict]], num: str, den: str, key: str) -> dict[str, Any]:
-    """`num` over `den` on `key`: per round (the two ran next to each other) and the median."""
-    per_round = [a[key] / b[key] for a, b in zip(runs[num], runs[den], strict=True)]
-    return {"per_round": per_round, "median": statistics.median(per_round)}
+    """`num` over `den` on `key`: per round (the two ran next to each other) and the median.
+    A round whose denominator is 0 (a tiny run's training memory can round to nothing) has no
+    ratio (None); the median is over the others (None if there are none)."""
+    per_round = [
+        a[key] / b[key] if b[key] else None for a, b in zip(runs[num], runs[den], strict=True)
+    ]
+    valid = [r for r in per_round if r is not None]
+    return {"per_round": per_round, "median": statistics.median(valid) if valid else None}
 
 
 def sft_report(runs: dict[str, list[dict]], meta: dict[str, Any]) -> dict[str, Any]:
@@ -278,15 +283,20 @@ def sft_report(runs: dict[str, list[dict]], meta: dict[str, Any]) -> dict[str, A
             ("peak_memory_mib", "<=", 1.0),
         ):
             value = ratios["lora_vs_peer"][k]["median"]
-            met = value >= bound if op == ">=" else value <= bound
+            met = value is not None and (value >= bound if op == ">=" else value <= bound)
             targets[f"lora_vs_peer.{k} {op} {bound}"] = {"median": value, "met": met}
     packed = "lora" if "lora" in runs else "full"
     keys = ("label_tokens_per_s", "label_tokens_per_cpu_s")
     ratios["packing_vs_padding"] = {k: ratio(runs, packed, "padded", k) for k in keys}
     for k in keys:
         value = ratios["packing_vs_padding"][k]["median"]
-        targets[f"packing_vs_padding.{k} >= 1.5"] = {"median": value, "met": value >= 1.5}
+        met = value is not None and value >= 1.5
+        targets[f"packing_vs_padding.{k} >= 1.5"] = {"median": value, "met": met}
     return {**meta, "engines": engines, "ratios": ratios, "targets": targets}
+
+
+def _times(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
 
 
 def format_sft(report: dict[str, Any]) -> str:
@@ -316,12 +326,12 @@ def format_sft(report: dict[str, Any]) -> str:
     for name, keys in report["ratios"].items():
         parts = []
         for k, v in keys.items():
-            rounds = ", ".join(f"{x:.2f}" for x in v["per_round"])
-            parts.append(f"{k} {v['median']:.2f}x ({rounds})")
+            rounds = ", ".join(_times(x) for x in v["per_round"])
+            parts.append(f"{k} {_times(v['median'])}x ({rounds})")
         lines.append(f"  {name}: " + "; ".join(parts))
     lines += ["", "targets:"]
     for name, t in report["targets"].items():
-        lines.append(f"  {name}: {t['median']:.2f} {'met' if t['met'] else 'NOT met'}")
+        lines.append(f"  {name}: {_times(t['median'])} {'met' if t['met'] else 'NOT met'}")
     lines.append(f"load average (1 min) during the runs: {report['machine']['load_1min']}")
     return "\n".join(lines)
 
