@@ -343,7 +343,8 @@ class Trainer:
             f"model: {getattr(args, 'architecture', type(args).__name__)}, "
             f"{facts.num_params / 1e6:.2f}M parameters "
             f"({facts.num_params_no_embed / 1e6:.2f}M without embeddings) on "
-            f"{self.world} x {self.device.type}; task: {cfg.task.name} ({cfg.task.attention} attention)"
+            f"{self.world} x {self.device.type}; task: {cfg.task.name} "
+            f"({self.task.attention_kind or cfg.task.attention} attention)"
         )
         zero = f"; zero_stage={cfg.parallel.zero_stage}" if d.fsdp_enabled else ""
         self.log(

@@ -103,6 +103,7 @@ class Task(ABC):
     name: str = ""
     data_summary: str = ""  # what `dataset` made of the files, for the log (counts, drops)
     random_tokens: bool = True  # can train on random token ids (`data.random_tokens`)
+    attention_kind: str = ""  # the attention rule it trains with, for the log ("": task.attention)
     # The loss reads only the logits of tokens with a label: the step may then compute the
     # output head at those positions alone, as (1, N, vocab) with `labels` (1, N) to match.
     labelled_logits_only: bool = False

@@ -127,6 +127,7 @@ def sequence_sums(values: torch.Tensor, batch: Batch) -> torch.Tensor:
 class DPO(Task):
     name = "dpo"
     random_tokens = False
+    attention_kind = "document"  # a pair's two sequences are two documents
 
     def needs_reference(self) -> bool:
         return self.cfg.loss != "simpo"

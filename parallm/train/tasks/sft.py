@@ -191,6 +191,8 @@ class SFT(Task):
         return Batch(ids[:, :-1], labels, pos[:, :-1], docs[:, :-1], attention)
 
     labelled_logits_only = True  # most positions are prompts or padding
+    random_tokens = False  # conversations, not token streams
+    attention_kind = "document"  # each packed conversation attends to itself
 
     def loss_sum(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         return next_token_loss_sum(logits, batch)
