@@ -112,7 +112,7 @@ def test_stop_strings_logprobs_abort_and_length_errors(model_dir):
     engine.add_request(
         "full", prompts[3], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     )
-    full = _run(engine)["full"].outputs[0]
+    full = engine.run_to_completion()["full"].outputs[0]
     text = full.text
     assert len(text) > 6, text
     stop = text[3:6]
@@ -128,7 +128,7 @@ def test_stop_strings_logprobs_abort_and_length_errors(model_dir):
     engine.add_request("long", prompts[0], SamplingParams(max_tokens=10_000))
     first = {o.request_id: o for o in engine.step() if o.finished}  # errors come back at once
     engine.abort_request("gone")
-    outs = {**first, **_run(engine)}
+    outs = {**first, **engine.run_to_completion()}
     stopped = outs["stop"].outputs[0]
     assert stopped.finish_reason == "stop" and stopped.text == text[: text.index(stop)]
     assert outs["gone"].outputs[0].finish_reason == "abort"
@@ -144,15 +144,6 @@ def test_stop_strings_logprobs_abort_and_length_errors(model_dir):
         assert entry["logprob"] == pytest.approx(ref[n - 1 + i, token].item(), abs=1e-4)
         assert len(entry["top"]) == 2
     assert engine.scheduler.block_manager.num_free_blocks == free
-
-
-def _run(engine) -> dict:
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return done
 
 
 def test_bench_infer_writes_its_report_into_a_new_directory(tmp_path, capsys):

@@ -123,23 +123,14 @@ def test_unloading_lets_running_requests_finish(setup):
     engine.add_request("late", prompts[1], GREEDY, lora="sql")
     with pytest.raises(UserError, match="max_loras: all 1 adapter slots.*sql still finish"):
         engine.add_lora("poet", d / "poet")  # the slot is still busy
-    done = _run(engine)
+    done = engine.run_to_completion()
     assert "no adapter 'sql' is loaded" in done["late"].error
     assert done["running"].outputs[0].token_ids == expected["sql"][1]
     engine.add_lora("poet", d / "poet")  # the last request has finished: the slot is free
     engine.add_request("poet", prompts[1], GREEDY, lora="poet")
-    assert _run(engine)["poet"].outputs[0].token_ids == expected["poet"][1]
+    assert engine.run_to_completion()["poet"].outputs[0].token_ids == expected["poet"][1]
     bm = engine.scheduler.block_manager
     assert bm.num_free_blocks == engine.runner.pool.num_blocks
-
-
-def _run(engine: LLMEngine) -> dict:
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return done
 
 
 def test_adapters_that_cannot_be_served_leave_nothing_loaded(setup, llm, tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from hf_models import CODE_TEXTS, save_hf_model, save_hf_model_with_tokenizer
+from test_cli_errors import assert_one_line_error
 
 from parallm.cli import main
 from parallm.config import JobConfig, load_config
@@ -287,14 +288,6 @@ def test_merge_failing_midway_leaves_nothing(capsys, tmp_path, monkeypatch):
 
 
 # -- bad input ---------------------------------------------------------------------------------
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("parallm: error:"), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 @pytest.fixture(scope="module")

@@ -262,6 +262,15 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def run_to_completion(self) -> dict[str, RequestOutput]:
+        """Step until no request is left; each finished request's last output by id."""
+        done: dict[str, RequestOutput] = {}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return done
+
     # -- the step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:

@@ -112,11 +112,7 @@ class LLM:
         ids = [f"req-{i}" for i in range(len(prompts))]
         for rid, prompt, p, name in zip(ids, prompts, params, names, strict=True):
             engine.add_request(rid, prompt, p, lora=name)
-        done: dict[str, RequestOutput] = {}
-        while len(done) < len(ids):
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = out
+        done = engine.run_to_completion()
         return [done[rid] for rid in ids]
 
     def _lora_name(self, lora: Lora) -> str | None:

@@ -38,6 +38,7 @@ from parallm.train.tasks.sft import (
     pack_rows,
     pad_id,
     read_rows,
+    row_labels,
     template_errors,
 )
 
@@ -177,8 +178,7 @@ class DPO(Task):
 
     def batch(self, rows: torch.Tensor) -> Batch:
         ids, completion, docs, pos = rows.unbind(1)  # each (B, T + 1)
-        counted = (completion[:, 1:] == 1) & (docs[:, 1:] == docs[:, :-1])
-        labels = ids[:, 1:].masked_fill(~counted, IGNORE_INDEX)
+        labels = row_labels(ids, completion, docs)
         # A row's last pair's rejected sequence is its last document with completion tokens.
         pairs = ((docs * completion).amax(1) + 1) // 2  # (B,)
         attention = AttentionSpec.of_kind("document")

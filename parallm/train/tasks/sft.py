@@ -144,6 +144,13 @@ def pack_rows(
     return out
 
 
+def row_labels(ids: torch.Tensor, mask: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
+    """Next-token labels (B, T) of rows' channels (B, T + 1): a label counts when the token
+    predicted is marked (an assistant's, a completion's), in the same document."""
+    counted = (mask[:, 1:] == 1) & (docs[:, 1:] == docs[:, :-1])
+    return ids[:, 1:].masked_fill(~counted, IGNORE_INDEX)
+
+
 @register_task
 class SFT(Task):
     name = "sft"
@@ -184,9 +191,7 @@ class SFT(Task):
 
     def batch(self, rows: torch.Tensor) -> Batch:
         ids, assistant, docs, pos = rows.unbind(1)  # each (B, T + 1)
-        # A label counts when the token predicted is the assistant's, in the same conversation.
-        counted = (assistant[:, 1:] == 1) & (docs[:, 1:] == docs[:, :-1])
-        labels = ids[:, 1:].masked_fill(~counted, IGNORE_INDEX)
+        labels = row_labels(ids, assistant, docs)
         attention = AttentionSpec.of_kind("document")
         return Batch(ids[:, :-1], labels, pos[:, :-1], docs[:, :-1], attention)
 
