@@ -330,6 +330,17 @@ def _add_serve_options(serve: argparse.ArgumentParser, db_help: str) -> None:
     )
     serve.add_argument("--max-loras", type=int, help="adapters loaded at a time")
     serve.add_argument("--max-lora-rank", type=int, help="largest adapter rank")
+    serve.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        help="characters per prompt, checked before tokenizing (default: 16 x context)",
+    )
+    serve.add_argument("--max-n", type=int, help="largest n / best_of (choices per prompt)")
+    serve.add_argument(
+        "--drain-timeout",
+        type=float,
+        help="seconds running requests may finish after SIGTERM / SIGINT; then they are ended",
+    )
     serve.set_defaults(
         **{f.name: f.default for f in fields(ServerConfig) if f.default is not MISSING}
     )

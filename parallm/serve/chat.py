@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 from fastapi import APIRouter, Request
@@ -16,16 +16,23 @@ from parallm.inference.engine import CompletionOutput
 from parallm.serve.common import authorize, check_model, read_body, state_of
 from parallm.serve.jobs import (
     Job,
+    check_n,
+    check_prompt_chars,
     collect,
+    encode_prompt,
     job_chunk,
     max_tokens_for,
     new_output,
+    off_loop,
     raise_output_error,
     start_job,
     stream_response,
     token_str,
 )
 from parallm.serve.protocol import ChatCompletionRequest, parse
+
+if TYPE_CHECKING:
+    from parallm.serve.state import ServerState
 
 router = APIRouter()
 
@@ -34,12 +41,18 @@ router = APIRouter()
 async def chat_completions(request: Request) -> Response:
     state = state_of(request)
     key = await authorize(state, request)
-    req = parse(ChatCompletionRequest, await read_body(state, request))
+    body = await read_body(state, request)
+    req = parse(ChatCompletionRequest, body)
     lora = check_model(state, req.model)
     tok = state.llm.tokenizer
     if req.max_tokens is not None and req.max_completion_tokens is not None:
         raise UserError("max_completion_tokens: give it or max_tokens, not both")
-    prompt = _render(tok, req)
+    check_n(state, req.n)
+    messages = req.rendered_messages()
+    chars = sum(len(m["content"]) for m in messages)
+    check_prompt_chars(state, chars, "messages", "the messages' content")
+    # By the body's size: fields besides the content (a message's name, ...) reach the template.
+    prompt = await off_loop(len(body), _render, state, req, messages)
     requested = (
         req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     )
@@ -56,15 +69,19 @@ async def chat_completions(request: Request) -> Response:
     return await _response(job, req, tok, request)
 
 
-def _render(tok: Any, req: ChatCompletionRequest) -> list[int]:
-    """The prompt's token ids: the messages through the model's chat template."""
+def _render(state: ServerState, req: ChatCompletionRequest, messages: list[dict]) -> list[int]:
+    """The prompt's token ids: the messages through the model's chat template (in a worker
+    thread for large messages; the rendered text is bounded by --max-prompt-chars too)."""
+    tok = state.llm.tokenizer
     try:
-        text = tok.apply_chat_template(
-            req.rendered_messages(), add_generation_prompt=req.add_generation_prompt
-        )
+        text = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
     except jinja2.TemplateError as e:
         raise UserError(f"messages: the model's chat template failed on them: {e}") from e
-    return tok.encode(text, add_special_tokens=False)
+    check_prompt_chars(state, len(text), "messages", "the rendered prompt")
+    try:
+        return encode_prompt(state.llm, text, add_special_tokens=False)
+    except UserError as e:  # the prompt is the messages here
+        raise UserError(str(e), param="messages" if e.param == "prompt" else e.param) from e
 
 
 def _content_logprobs(

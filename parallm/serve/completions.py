@@ -14,14 +14,17 @@ from fastapi.responses import JSONResponse, Response
 
 from parallm.errors import UserError
 from parallm.inference.engine import CompletionOutput, RequestOutput
-from parallm.inference.sampling import SamplingParams, TokenLogprobs
+from parallm.inference.sampling import TokenLogprobs
 from parallm.serve.common import authorize, check_model, read_body, state_of
 from parallm.serve.jobs import (
     Job,
+    check_n,
     collect,
     job_chunk,
     max_tokens_for,
     new_output,
+    off_loop,
+    prompt_ids,
     prompt_index,
     raise_output_error,
     start_job,
@@ -43,8 +46,10 @@ async def completions(request: Request) -> Response:
     prompts = req.prompts()
     if req.max_tokens == 0 and not req.echo:
         raise UserError("max_tokens: 0 is not valid; must be >= 1 (0 only with echo)")
+    check_n(state, req.n, req.best_of)
+    ids = await prompt_ids(state, prompts)
     scoring = req.max_tokens == 0  # echo the prompt (and its logprobs), generate nothing
-    longest = max(len(llm.check_request(p, SamplingParams(max_tokens=1))) for p in prompts)
+    longest = max(len(p) for p in ids)
     max_tokens = 1 if scoring else max_tokens_for(req.max_tokens, longest, state)
     want_prompt_lps = req.echo and req.logprobs is not None
     params = req.sampling_params(
@@ -52,17 +57,23 @@ async def completions(request: Request) -> Response:
         logprobs=req.logprobs,
         prompt_logprobs=req.logprobs if want_prompt_lps else None,
     )
-    job = start_job(state, key, "completions", "cmpl", prompts, params, lora)
     tok = llm.tokenizer
-    prompt_texts = [
-        p if isinstance(p, str) else tok.decode(ids)
-        for p, ids in zip(prompts, job.prompts, strict=True)
-    ]
+    prompt_texts = await off_loop(sum(map(len, ids)), _echoed, tok, prompts, ids, req.echo)
+    job = start_job(state, key, "completions", "cmpl", ids, params, lora)
     view = _Choices(job, req, tok, prompt_texts, scoring)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return stream_response(job, _chunks(view, want_prompt_lps), include_usage)
     return await _response(view, request)
+
+
+def _echoed(
+    tok: Any, prompts: list[str | list[int]], ids: list[list[int]], echo: bool
+) -> list[str]:
+    """The text each prompt is echoed as (token ids decoded; nothing without `echo`)."""
+    if not echo:
+        return ["" for _ in prompts]
+    return [p if isinstance(p, str) else tok.decode(i) for p, i in zip(prompts, ids, strict=True)]
 
 
 @dataclass

@@ -53,6 +53,10 @@ class ServerConfig:
     enable_lora: bool = False
     max_loras: int = 4  # adapters loaded at a time
     max_lora_rank: int = 16
+    # Abuse and shutdown (see `parallm.serve.jobs` and `parallm.serve.drain`).
+    max_prompt_chars: int | None = None  # per prompt, before tokenizing; default: 16 x context
+    max_n: int = 16  # choices per prompt (`n`, `best_of`)
+    drain_timeout: float = 30.0  # seconds running requests get after SIGTERM / SIGINT
 
     def __post_init__(self) -> None:
         # argparse gives None (no --lora) or a list; the config holds a tuple either way.
@@ -75,6 +79,15 @@ class ServerConfig:
         self.lora_adapters()  # each NAME=DIR well-formed, names unique and not the model's
         if self.max_model_len is not None:
             _check_range("max_model_len", self.max_model_len, 1)
+        _check_range("max_n", self.max_n, 1)
+        if self.max_prompt_chars is not None:
+            _check_range("max_prompt_chars", self.max_prompt_chars, 1)
+        timeout = self.drain_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0:
+            raise UserError(
+                f"--drain-timeout: {timeout!r} is not valid; must be seconds >= 0 (0: end the "
+                "running requests at once)"
+            )
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise UserError(
                 f"--kv-cache-memory: {self.kv_cache_memory} is not valid; must be > 0 "

@@ -2,19 +2,29 @@
 /v1/chat/completions: the checks and the key's charge before queueing, what has been sent of each
 choice, the final outputs of a non-streaming request, the SSE stream of a streaming one, and the
 usage and metrics recorded once when it ends, however it ends, under the model the request named
-(the base or a LoRA adapter)."""
+(the base or a LoRA adapter).
+
+Large inputs never hold the event loop: a prompt over `--max-prompt-chars` is refused before it
+is tokenized, and tokenizing (with `tokenizers`' batch call, which releases the GIL), rendering a
+chat template and decoding an echoed prompt run in a small worker pool once the input is larger
+than a few thousand characters. A job that the server's drain cuts (`Job.cut`) ends like a failed
+one: a stream with an error event and [DONE], a waiting request with a 503.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import math
+import os
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -28,7 +38,35 @@ from parallm.serve.keystore import KeyInfo
 from parallm.serve.protocol import error_body
 
 if TYPE_CHECKING:
+    from parallm.inference.engine import LLMEngine
     from parallm.serve.state import ServerState
+
+T = TypeVar("T")
+
+# Characters (or token ids) handled on the event loop: tokenizing 4096 characters takes a few
+# milliseconds; anything larger goes to the pool, so that one large request never holds the
+# others, and a few large ones never take the threads the key store's lookups run in.
+INLINE_CHARS = 4096
+
+
+def _lower_priority() -> None:
+    """A pool thread's start: a lower CPU priority than the event loop's and the engine's
+    threads (Linux schedules threads by their own nice value), so that on a busy machine a
+    large prompt's tokenizing waits for them rather than they for it."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux: the same priority
+        pass
+
+
+_PREP_POOL = ThreadPoolExecutor(4, thread_name_prefix="parallm-prep", initializer=_lower_priority)
+# The default of --max-prompt-chars: characters per token of context. Text averages 3-5, code a
+# little more; only prompts of long runs of spaces or symbols come near 16 per token.
+CHARS_PER_TOKEN = 16
+
+
+class ServerDraining(Exception):
+    """The server is shutting down and its drain timeout ended this job before it finished."""
 
 
 @dataclass
@@ -81,11 +119,18 @@ class Job:
     def outputs(self) -> AsyncIterator[RequestOutput]:
         return self.state.engine.stream(self.request_ids, self.queue)
 
+    def cut(self, why: str) -> None:
+        """End the job where it stands (the server's drain timeout): its outputs end with
+        `ServerDraining`, so a stream sends an error event and [DONE] after what it has sent,
+        and a waiting request answers 503; its engine requests are aborted as it ends."""
+        self.queue.put_nowait(ServerDraining(why))
+
     def finish(self) -> None:
         """Record usage and metrics once, whatever ended the request."""
         if self.recorded:
             return
         self.recorded = True
+        self.state.jobs.pop(self.id, None)
         state = self.state
         now = time.monotonic()
         for c in self.choices.values():
@@ -134,20 +179,112 @@ def prompt_index(out: RequestOutput) -> int:
     return int(out.request_id.rsplit("-", 1)[1])
 
 
+# -- before a job: bounds, prompts off the event loop ---------------------------------------------
+
+
+async def off_loop(size: int, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)`, on the event loop for an input of at most `INLINE_CHARS` characters (or
+    token ids), else in the worker pool (the loop serves other requests meanwhile)."""
+    if size <= INLINE_CHARS:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(_PREP_POOL, fn, *args)
+
+
+def encode_prompt(llm: LLMEngine, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    """`text`'s token ids, if that many fit the context (else a UserError naming `prompt`).
+
+    Tokenized with a batch call, as `tokenizers` releases the GIL in those (not in its single
+    `encode`): the event loop runs while a worker tokenizes megabytes. The fast one (tokenizers
+    >= 0.20) skips the offsets, a third of the time; and the count comes before the ids, so a
+    prompt of millions of tokens is refused without making a Python list of them."""
+    if not text:
+        return []  # as the engine has it: an empty prompt, not a lone BOS (refused later)
+    backend = llm.tokenizer.backend
+    batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    encoding = batch([text], add_special_tokens=add_special_tokens)[0]
+    _check_length(llm, len(encoding))
+    return encoding.ids
+
+
+def _check_length(llm: LLMEngine, tokens: int) -> None:
+    found = llm.scheduler.admission_error(tokens, 1) if tokens else None
+    if found is not None:
+        raise UserError(found[1], param=found[0])
+
+
+def prompt_char_limit(state: ServerState) -> int:
+    """--max-prompt-chars, by default `CHARS_PER_TOKEN` per token of the context."""
+    return state.max_prompt_chars or CHARS_PER_TOKEN * state.llm.max_model_len
+
+
+def check_prompt_chars(state: ServerState, chars: int, param: str, what: str) -> None:
+    """400 naming `param` when a prompt of `chars` characters is over --max-prompt-chars."""
+    limit = prompt_char_limit(state)
+    if chars > limit:
+        default = "" if state.max_prompt_chars else f" ({CHARS_PER_TOKEN} per token of context)"
+        raise UserError(
+            f"{param}: {what} has {chars} characters, over this server's limit of {limit}"
+            f"{default} (--max-prompt-chars); shorten it",
+            param=param,
+        )
+
+
+def check_n(state: ServerState, n: int, best_of: int | None = None) -> None:
+    """400 naming `n` or `best_of` when it asks for more choices than --max-n."""
+    for name, value in (("n", n), ("best_of", best_of)):
+        if value is not None and value > state.max_n:
+            raise UserError(
+                f"{name}: {value} is over this server's limit of {state.max_n} choices per "
+                f"prompt (--max-n); give at most {state.max_n}",
+                param=name,
+            )
+
+
+async def prompt_ids(state: ServerState, prompts: list[str | list[int]]) -> list[list[int]]:
+    """Each prompt's token ids, checked against the context (a UserError naming `prompt`); text
+    over --max-prompt-chars is refused before it is tokenized, large inputs are tokenized off
+    the event loop."""
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            check_prompt_chars(state, len(p), "prompt", "the prompt" if i == 0 else f"prompt {i}")
+    size = sum(len(p) for p in prompts)
+    return await off_loop(size, _prompt_ids, state.llm, prompts)
+
+
+def _prompt_ids(llm: LLMEngine, prompts: list[str | list[int]]) -> list[list[int]]:
+    one = SamplingParams(max_tokens=1)  # the prompt's own checks; max_tokens' come later
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            ids = encode_prompt(llm, p)
+        else:  # the length first: millions of ids are refused without a pass over them
+            _check_length(llm, len(p))
+            ids = p
+        out.append(llm.check_request(ids, one))
+    return out
+
+
+# -- a job ----------------------------------------------------------------------------------------
+
+
 def start_job(
     state: ServerState,
     key: KeyInfo | None,
     endpoint: str,
     id_prefix: str,
-    prompts: list[str | list[int]],
+    prompts: list[list[int]],
     params: SamplingParams,
     lora: str | None,
 ) -> Job:
-    """Check every prompt against the context, charge the key, queue the engine requests
-    (through the adapter `lora`, None for the base)."""
+    """Check every prompt (token ids) with `params` against the context, charge the key, queue
+    the engine requests (through the adapter `lora`, None for the base). 503 once the server's
+    drain has ended the running jobs."""
+    if state.cut:
+        raise draining_error()
     ids = [state.llm.check_request(p, params) for p in prompts]
     reserved = sum(len(p) for p in ids) + len(ids) * params.n * params.max_tokens
     if key is not None:
+        _check_fits(key, reserved, ids, params)
         _charge(state, key, reserved)
     job_id = f"{id_prefix}-{uuid.uuid4().hex}"
     job = Job(state, key, endpoint, job_id, params, ids, reserved, lora)
@@ -168,16 +305,40 @@ def start_job(
                 headers={"Retry-After": "1"},
             ) from e
         raise engine_dead(e) from e
+    state.jobs[job.id] = job
     return job
+
+
+def draining_error() -> APIError:
+    """The 503 of a request the shutting-down server does not take (`Retry-After`: another
+    server, or this one restarted, may take it)."""
+    return APIError(
+        503,
+        "the server is shutting down; retry the request",
+        "server_error",
+        code="server_shutting_down",
+        headers={"Retry-After": "1", "Connection": "close"},
+    )
+
+
+def _check_fits(key: KeyInfo, reserved: int, ids: list[list[int]], params: SamplingParams) -> None:
+    """400 naming the limit when the request could never fit the key's tokens per minute (a 429
+    would promise a retry that can never succeed)."""
+    if key.tpm is None or reserved <= key.tpm:
+        return
+    prompt = sum(len(p) for p in ids)
+    raise UserError(
+        f"max_tokens: the request may use {reserved} tokens ({prompt} prompt + "
+        f"{len(ids) * params.n} choices x max_tokens {params.max_tokens}), over key {key.id}'s "
+        f"limit of {key.tpm} tokens per minute (tpm); lower max_tokens or n, or shorten the prompt",
+        param="max_tokens",
+    )
 
 
 def _charge(state: ServerState, key: KeyInfo, reserved: int) -> None:
     """Reserve `reserved` tokens in the key's tpm window and one request in its rpm window;
     429 when either is full."""
-    try:
-        wait = state.limiter.check(key, reserved)
-    except UserError as e:
-        raise APIError(429, str(e), "rate_limit_error", code="rate_limit_exceeded") from e
+    wait = state.limiter.check(key, reserved)  # over the whole tpm: `_check_fits` answered 400
     if wait is not None:
         raise APIError(
             429,
@@ -219,6 +380,10 @@ async def collect(job: Job, request: Request) -> dict[str, RequestOutput]:
         await task
     except EngineDeadError as e:
         raise engine_dead(e) from e
+    except ServerDraining as e:
+        raise APIError(
+            503, str(e), "server_error", code="server_shutting_down", headers={"Retry-After": "1"}
+        ) from e
     finally:
         task.cancel()
     return finals
@@ -317,6 +482,9 @@ def stream_response(job: Job, chunks: AsyncIterator[dict], include_usage: bool) 
         except EngineDeadError as e:
             err = error_body(f"engine failed: {e}", "server_error", code="engine_dead")
             yield sse(err)
+        except ServerDraining as e:  # what was sent stands; the client learns why it ends here
+            yield sse(error_body(str(e), "server_error", code="server_shutting_down"))
+            yield sse("[DONE]")
         except APIError as e:
             yield sse(error_body(e.message, e.type, e.param, e.code))
         finally:

@@ -1,5 +1,5 @@
 """`parallm serve`: check the options, the port and the adapters, load the model and the
-adapters, run the app under uvicorn."""
+adapters, run the app under uvicorn until a signal, then drain (`parallm.serve.drain`)."""
 
 from __future__ import annotations
 
@@ -18,12 +18,13 @@ from parallm.models.peft_format import read_adapter
 from parallm.serve.app import ServerState, build_app
 from parallm.serve.async_engine import AsyncEngine
 from parallm.serve.config import ServerConfig
+from parallm.serve.drain import DrainGate, DrainingServer
 from parallm.serve.keystore import KeyStore
 
 
 def serve(config: ServerConfig) -> int:
-    """Load the model (errors exit 2 before the port is bound), then run uvicorn until stopped;
-    1 when the engine failed while serving."""
+    """Load the model (errors exit 2 before the port is bound), then run uvicorn until SIGTERM
+    or SIGINT, and drain; 0 once drained, 1 when the engine failed while serving."""
     engine_config = config.engine_config()
     if config.ui:
         import_extra("parallm.serve.ui", command="serve --ui", extra="ui")
@@ -44,6 +45,8 @@ def serve(config: ServerConfig) -> int:
         keystore=keystore,
         max_body_bytes=config.max_body_bytes,
         model_path=config.model,
+        max_prompt_chars=config.max_prompt_chars,
+        max_n=config.max_n,
     )
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     own = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
@@ -54,13 +57,16 @@ def serve(config: ServerConfig) -> int:
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(
-        app,
+    gate = DrainGate(app, state)
+    # After the drain only idle connections are left: timeout_graceful_shutdown bounds the rest.
+    uv_config = uvicorn.Config(
+        gate,
         host=config.host,
         port=config.port,
         log_level=config.log_level,
         timeout_graceful_shutdown=5,
     )
+    DrainingServer(uv_config, gate, config.drain_timeout).run()
     if keystore is not None:
         keystore.close()
     return 1 if state.engine.error else 0

@@ -19,13 +19,21 @@ from parallm.serve.ratelimit import RateLimiter
 @dataclass
 class ServerState:
     """What the endpoints share: the engine, the served name, the key store (None: no keys
-    asked), the body limit, the model's directory, the per-key rate limiter and the metrics."""
+    asked), the body limit, the model's directory, the request bounds, the shutdown state, the
+    per-key rate limiter and the metrics."""
 
     engine: AsyncEngine
     model_name: str
     keystore: KeyStore | None  # None: --no-auth
     max_body_bytes: int
     model_path: str | None = None  # the `root` of the base model's card
+    max_prompt_chars: int | None = None  # per prompt, before tokenizing; None: 16 x context
+    max_n: int = 16  # largest `n` / `best_of`
+    # Shutting down (`parallm.serve.drain`): new requests get 503 and /health says so while
+    # the running jobs (by id) finish; once `cut`, no job may start any more.
+    draining: bool = False
+    cut: bool = False
+    jobs: dict[str, Any] = field(default_factory=dict)
     limiter: RateLimiter = field(default_factory=RateLimiter)
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics = field(init=False)

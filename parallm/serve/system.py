@@ -19,6 +19,8 @@ router = APIRouter()
 @router.get("/health")
 async def health(request: Request) -> Response:
     engine = state_of(request).engine
+    if state_of(request).draining:  # shutting down (parallm.serve.drain): out of rotation
+        return JSONResponse({"status": "draining"}, 503, headers={"Retry-After": "1"})
     if engine.healthy:
         return JSONResponse({"status": "ok"})
     return engine_dead(engine.error or "the engine is not running").response()
