@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -85,6 +85,16 @@ class _Choices:
     tok: Any
     prompt_texts: list[str]
     scoring: bool
+    prompt_lps: dict[int, dict] = field(default_factory=dict)  # echoed, by prompt index
+
+    async def prepare(self, out: RequestOutput) -> None:
+        """Before `choice` for `out`: its echoed prompt's log-probabilities, made once per
+        prompt and off the event loop for a long one (a decode per prompt token)."""
+        p = prompt_index(out)
+        if self.req.echo and self.req.logprobs is not None and p not in self.prompt_lps:
+            ids = self.job.prompts[p]
+            lps = out.prompt_logprobs or []
+            self.prompt_lps[p] = await off_loop(len(ids), _completion_logprobs, self.tok, lps, ids)
 
     def choice(self, out: RequestOutput, c: CompletionOutput, final: bool) -> dict | None:
         """What the client has not seen of choice `c`; None when there is nothing it could see
@@ -104,8 +114,7 @@ class _Choices:
         if req.echo and first_send:
             text = self.prompt_texts[p] + text
             if lps is not None:
-                prompt_lps = _completion_logprobs(tok, out.prompt_logprobs or [], job.prompts[p])
-                lps = _merge_logprobs(prompt_lps, lps)
+                lps = _merge_logprobs(self.prompt_lps[p], lps)
         reason = choice.finish_reason if (c.finish_reason is not None or final) else None
         shown = text or (end > start and lps is not None) or reason is not None
         if not final and not shown:
@@ -120,6 +129,7 @@ async def _chunks(view: _Choices, want_prompt_lps: bool) -> AsyncIterator[dict]:
             raise_output_error(out)
             if want_prompt_lps and out.prompt_logprobs is None:
                 continue  # echo waits for the prompt's log-probabilities
+            await view.prepare(out)
             sent = [view.choice(out, c, False) for c in out.outputs]
             sent = [c for c in sent if c is not None]
             if sent:
@@ -134,6 +144,7 @@ async def _response(view: _Choices, request: Request) -> Response:
         for rid in job.request_ids:
             out = finals[rid]
             raise_output_error(out)
+            await view.prepare(out)
             choices += [view.choice(out, c, True) for c in out.outputs]
         return JSONResponse(
             {
