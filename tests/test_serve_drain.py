@@ -93,6 +93,7 @@ class Stream(threading.Thread):
         self.after_signal = 0  # chunks with tokens received after the signal
         self.finish_reason: str | None = None
         self.error: dict | None = None
+        self.usage: dict | None = None
         self.done = False
         self.status: int | None = None
 
@@ -104,6 +105,7 @@ class Stream(threading.Thread):
             "stream": True,
             "logprobs": 0,
             "ignore_eos": True,
+            "stream_options": {"include_usage": True},
         }
         headers = {"Authorization": f"Bearer {self.secret}"}
         with httpx.stream(
@@ -121,6 +123,7 @@ class Stream(threading.Thread):
                     self.error = event["error"]
                     continue
                 self.id = event["id"]
+                self.usage = event.get("usage") or self.usage
                 for c in event["choices"]:
                     self.tokens += len(c["logprobs"]["tokens"])
                     self.finish_reason = c["finish_reason"] or self.finish_reason
@@ -207,6 +210,7 @@ def test_drain_lets_running_streams_finish_and_refuses_new_requests(model_dir, t
             assert s.done and s.error is None and s.finish_reason == "length"
             assert s.tokens == max_tokens and s.after_signal > 0
             assert rows[s.id] == (len(PROMPT), max_tokens)
+            assert s.usage["completion_tokens"] == max_tokens
     finally:
         server.close()
 
@@ -248,6 +252,12 @@ def test_drain_timeout_ends_streams_with_an_error_event_and_bills_what_was_sent(
             assert s.done and s.finish_reason is None and 0 < s.tokens < long
             assert s.error["code"] == "server_shutting_down" and s.error["type"] == "server_error"
             assert rows[s.id] == (len(PROMPT), s.tokens)
+            # The stream's last chunk before the error told the client the same.
+            assert s.usage == {
+                "prompt_tokens": len(PROMPT),
+                "completion_tokens": s.tokens,
+                "total_tokens": len(PROMPT) + s.tokens,
+            }
         assert whole["status"] == 503
         assert whole["body"]["error"]["code"] == "server_shutting_down"
         (cut,) = [row for rid, row in rows.items() if rid not in {s.id for s in streams}]

@@ -9,8 +9,9 @@ the signal, so the process ends with status 143 rather than 0):
    so a load balancer takes the server out of rotation while it finishes.
 2. The requests already running go on, up to `--drain-timeout` seconds.
 3. Then each job still running is cut (`jobs.Job.cut`): a stream ends with an OpenAI-shaped
-   error event and [DONE] after what it has sent, a non-streaming request gets a 503, and
-   usage is recorded once with the tokens delivered; no new job may start.
+   error event and [DONE] after what it has sent (and its usage chunk, if asked for), a
+   non-streaming request gets a 503, and usage is recorded once with the tokens delivered; no
+   new job may start.
 4. Then uvicorn's own shutdown runs (close the port and the idle connections, the app's
    lifespan end: the usage records are written, the engine stops) and `serve` returns 0.
 

@@ -483,6 +483,8 @@ def stream_response(job: Job, chunks: AsyncIterator[dict], include_usage: bool) 
             err = error_body(f"engine failed: {e}", "server_error", code="engine_dead")
             yield sse(err)
         except ServerDraining as e:  # what was sent stands; the client learns why it ends here
+            if include_usage:  # what it is billed: before the error, which ends most clients
+                yield sse(job_chunk(job, [], usage=job.usage()))
             yield sse(error_body(str(e), "server_error", code="server_shutting_down"))
             yield sse("[DONE]")
         except APIError as e:
