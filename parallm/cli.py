@@ -260,7 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ui = sub.add_parser("ui", help="a web chat page for a running `parallm serve`")
     ui.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8000")
-    ui.add_argument("--api-key", default=None, help="default: $PARALLM_API_KEY")
+    ui.add_argument(
+        "--api-key",
+        default=None,
+        help="the key the page sends when its user types none (default: none; never read from "
+        "$PARALLM_API_KEY, as anyone who can open the page would use it)",
+    )
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=7860)
 
@@ -340,6 +345,14 @@ def _add_serve_options(serve: argparse.ArgumentParser, db_help: str) -> None:
         "--drain-timeout",
         type=float,
         help="seconds running requests may finish after SIGTERM / SIGINT; then they are ended",
+    )
+    serve.add_argument("--log-format", help="text | json: the access log's lines")
+    serve.add_argument("--no-access-log", action="store_true", help="log no requests")
+    serve.add_argument(
+        "--metrics-auth", action="store_true", help="/metrics answers only with a valid API key"
+    )
+    serve.add_argument(
+        "--ui-api-key", help="the key the chat page sends when its user types none (default: none)"
     )
     serve.set_defaults(
         **{f.name: f.default for f in fields(ServerConfig) if f.default is not MISSING}

@@ -16,6 +16,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from parallm.errors import UserError
+from parallm.inference.engine import LLMEngine
 from parallm.serve.async_engine import EngineDeadError
 from parallm.serve.common import APIError, authorize_admin, engine_dead, read_body, state_of
 from parallm.serve.protocol import LoraAdapterRequest, parse
@@ -56,10 +57,19 @@ async def load_adapter(request: Request) -> dict:
     if req.name == state.model_name:
         raise UserError(f"name: {req.name!r} is the served model's name; choose another")
     try:
-        await state.engine.call(lambda engine: engine.add_lora(req.name, req.path, field="path"))
+        await state.engine.call(lambda engine: _add_lora(engine, req))
     except EngineDeadError as e:
         raise engine_dead(e) from e
     return model_card(state, req.name)
+
+
+def _add_lora(engine: LLMEngine, req: LoraAdapterRequest) -> None:
+    """Load the adapter (in the engine thread); a path the OS cannot read (too long, no
+    permission) is the request's error, not the engine's failure."""
+    try:
+        engine.add_lora(req.name, req.path, field="path")
+    except OSError as e:
+        raise UserError(f"path: {req.path!r} cannot be read: {e.strerror or e}") from None
 
 
 @router.delete(PATH + "/{name:path}")

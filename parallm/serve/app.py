@@ -11,6 +11,10 @@ completion token sent (all of them for a finished request; for a stream the clie
 sent before it left). It is recorded against the key and charged to its tpm window when the
 request ends, however it ends.
 
+Every request gets an id (`x-request-id`, the client's own when well-formed) and one line in the
+access log once its response has ended (`access_log`); /openapi.json describes each endpoint
+from the table in `openapi`.
+
 The endpoints live in one module per group: `system` (/health, /metrics, /v1/models),
 `completions`, `chat`, `admin` (loading and unloading LoRA adapters, admin keys only); `common` holds the checks they share and `jobs` a request's engine
 requests. `parallm.serve.server` runs the app under uvicorn.
@@ -28,16 +32,24 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from parallm.errors import UserError
-from parallm.serve import admin, chat, completions, system
+from parallm.serve import access_log, admin, chat, completions, openapi, system
 from parallm.serve.common import APIError
 from parallm.serve.state import ServerState
 
 __all__ = ["ServerState", "build_app"]
 
 
-def build_app(state: ServerState, *, ui_server_url: str | None = None) -> FastAPI:
+def build_app(
+    state: ServerState,
+    *,
+    ui_server_url: str | None = None,
+    ui_api_key: str | None = None,
+    log_format: str | None = "text",
+) -> FastAPI:
     """The API around `state`; with `ui_server_url` (this server's own address) also the chat
-    page at /ui."""
+    page at /ui, which sends `ui_api_key` when its user gives no key (None: it sends none). Each
+    request gets an id (the `x-request-id` header) and, unless `log_format` is None, a line in
+    the access log (`access_log.LOG_FORMATS`)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -54,10 +66,14 @@ def build_app(state: ServerState, *, ui_server_url: str | None = None) -> FastAP
     _add_error_handlers(app)
     for group in (system, completions, chat, admin):
         app.include_router(group.router)
+    openapi.install(app, state)
+    if log_format is not None:
+        access_log.configure(log_format)
+    app.add_middleware(access_log.RequestLog, fmt=log_format)
     if ui_server_url is not None:
         from parallm.serve.ui import mount_ui
 
-        mount_ui(app, ui_server_url, None)
+        mount_ui(app, ui_server_url, ui_api_key)
     return app
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from parallm.serve import access_log
 from parallm.serve.keystore import KeyInfo
 from parallm.serve.protocol import error_body
 
@@ -66,6 +67,7 @@ async def authorize(state: ServerState, request: Request) -> KeyInfo | None:
     key = await asyncio.to_thread(state.keystore.authenticate, secret.strip())
     if key is None:
         raise APIError(401, "incorrect API key: unknown or revoked", code="invalid_api_key")
+    access_log.note(key_id=key.id)
     return key
 
 
@@ -113,8 +115,10 @@ def check_model(state: ServerState, name: str) -> str | None:
     """The LoRA adapter `name` selects (None: the base model); 404 unless it is the model this
     server serves or one of its loaded adapters."""
     if name == state.model_name:
+        access_log.note(model=name)
         return None
     if name in state.llm.adapters.by_name:
+        access_log.note(model=name)
         return name
     served = ", ".join(repr(n) for n in [state.model_name, *state.llm.adapters.by_name])
     raise APIError(

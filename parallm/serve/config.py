@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 DEFAULT_KEYS_DB = "~/.parallm/keys.db"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+LOG_FORMATS = ("text", "json")  # of the access log
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,7 +29,12 @@ class ServerConfig:
     `ui`: also serve the chat page at /ui (needs the `ui` extra).
     `lora`: LoRA adapters served next to the model, each "NAME=DIR" (a peft directory); a
     request's `model` names one. `enable_lora` (implied by `lora`) keeps `max_loras` slots for
-    adapters that admin keys load and unload while the server runs."""
+    adapters that admin keys load and unload while the server runs.
+    `log_format`: the access log's lines (one per request, on stderr; `no_access_log` turns it
+    off). `metrics_auth`: /metrics answers only requests with a valid key (any key: the metrics
+    hold no secrets, and a scraper's key should not be one that can load adapters).
+    `ui_api_key`: the key the chat page sends for whoever opens it without typing their own
+    (never a key taken from the environment)."""
 
     model: str  # model directory (HF format)
     served_model_name: str | None = None  # the name in the API; default: `model`
@@ -57,6 +63,11 @@ class ServerConfig:
     max_prompt_chars: int | None = None  # per prompt, before tokenizing; default: 16 x context
     max_n: int = 16  # choices per prompt (`n`, `best_of`)
     drain_timeout: float = 30.0  # seconds running requests get after SIGTERM / SIGINT
+    # The HTTP contract and the audit trail (see `parallm.serve.openapi`, `.access_log`).
+    log_format: str = "text"  # access-log lines: text (key=value) | json (an object per line)
+    no_access_log: bool = False
+    metrics_auth: bool = False  # /metrics needs a valid key
+    ui_api_key: str | None = None  # the key the chat page sends when its user gives none
 
     def __post_init__(self) -> None:
         # argparse gives None (no --lora) or a list; the config holds a tuple either way.
@@ -97,6 +108,21 @@ class ServerConfig:
             raise UserError(
                 f"--log-level: {self.log_level!r} is not valid; valid: {', '.join(LOG_LEVELS)}"
             )
+        self._check_contract_options()
+
+    def _check_contract_options(self) -> None:
+        if self.log_format not in LOG_FORMATS:
+            raise UserError(
+                f"--log-format: {self.log_format!r} is not valid; valid: {', '.join(LOG_FORMATS)}"
+            )
+        if self.metrics_auth and self.no_auth:
+            raise UserError(
+                "--metrics-auth: needs API keys, but --no-auth turns them off; drop one of them"
+            )
+        if self.ui_api_key is not None and not self.ui:
+            raise UserError("--ui-api-key: only used by the chat page; add --ui or leave it out")
+        if self.ui_api_key is not None and not self.ui_api_key.strip():
+            raise UserError("--ui-api-key: '' is not valid; give a key or leave it out")
 
     @property
     def model_name(self) -> str:

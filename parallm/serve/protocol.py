@@ -162,11 +162,21 @@ class ChatCompletionRequest(_Sampling):
         return out
 
 
+# A file system path cannot hold a NUL character (the OS refuses it before looking).
+_NO_NUL = {"pattern": "^[^\\x00]*$"}
+
+
 class LoraAdapterRequest(_Strict):
     """POST /v1/admin/lora_adapters: load the peft directory `path` (on the server) as `name`."""
 
     name: str
-    path: str
+    path: str = Field(json_schema_extra=_NO_NUL)
+
+    @model_validator(mode="after")
+    def _path_without_nul(self) -> LoraAdapterRequest:
+        if "\x00" in self.path:
+            raise ValueError("path: contains a NUL character; give a directory on the server")
+        return self
 
 
 def parse(model: type[BaseModel], body: bytes) -> Any:
@@ -220,3 +230,179 @@ def error_body(
 ) -> dict:
     """OpenAI's error shape."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+# -- response bodies (what /openapi.json declares; the server test fuzzes against them) ----------
+
+
+class _Out(BaseModel):
+    # A response carries exactly these fields: an undocumented one is a contract violation.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(_Out):
+    message: str
+    type: str
+    param: str | None
+    code: str | int | None
+
+
+class ErrorResponse(_Out):
+    """OpenAI's error body, for every 4xx and 5xx and for an error event in a stream."""
+
+    error: ErrorDetail
+
+
+class Usage(_Out):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class CompletionLogprobs(_Out):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Out):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class CompletionResponse(_Out):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunk(_Out):
+    """One event of a streamed completion; the last (with `stream_options.include_usage`) has
+    no choices and the usage."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(_Out):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Out):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(_Out):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(_Out):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionResponse(_Out):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(_Out):
+    role: Literal["assistant"] | None = None  # the first chunk of each choice
+    content: str | None = None
+
+
+class ChatChunkChoice(_Out):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(_Out):
+    """One event of a streamed chat completion; the last (with `stream_options.include_usage`)
+    has no choices and the usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(_Out):
+    """The base model (`parent` null) or a loaded LoRA adapter (`parent`: the base)."""
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    parent: str | None
+    max_model_len: int
+
+
+class ModelList(_Out):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class LoadedAdapter(ModelCard):
+    in_flight: int  # requests running on it
+
+
+class UnloadedAdapter(_Out):
+    """An adapter unloaded while requests still ran on it; its slot is free once they end."""
+
+    id: str
+    root: str
+    in_flight: int
+    unloaded: Literal[True]
+
+
+class AdapterList(_Out):
+    object: Literal["list"]
+    data: list[LoadedAdapter | UnloadedAdapter]
+
+
+class AdapterDeleted(_Out):
+    id: str
+    object: Literal["model"]
+    deleted: Literal[True]
+    in_flight: int  # requests admitted before the unload, finishing on the adapter
+
+
+class Health(_Out):
+    status: Literal["ok"]
+
+
+class Draining(_Out):
+    """/health while the server shuts down (503): out of rotation, running requests finish."""
+
+    status: Literal["draining"]

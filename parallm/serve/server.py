@@ -47,10 +47,16 @@ def serve(config: ServerConfig) -> int:
         model_path=config.model,
         max_prompt_chars=config.max_prompt_chars,
         max_n=config.max_n,
+        metrics_auth=config.metrics_auth,
     )
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     own = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
-    app = build_app(state, ui_server_url=f"http://{own}:{config.port}" if config.ui else None)
+    app = build_app(
+        state,
+        ui_server_url=f"http://{own}:{config.port}" if config.ui else None,
+        ui_api_key=config.ui_api_key,
+        log_format=None if config.no_access_log else config.log_format,
+    )
     print(
         f"parallm serve: {state.model_name} on http://{config.host}:{config.port}"
         + (" (no auth)" if keystore is None else ""),
@@ -64,6 +70,7 @@ def serve(config: ServerConfig) -> int:
         host=config.host,
         port=config.port,
         log_level=config.log_level,
+        access_log=False,  # the app writes its own (parallm.serve.access_log)
         timeout_graceful_shutdown=5,
     )
     DrainingServer(uv_config, gate, config.drain_timeout).run()

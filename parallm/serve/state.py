@@ -27,6 +27,7 @@ class ServerState:
     keystore: KeyStore | None  # None: --no-auth
     max_body_bytes: int
     model_path: str | None = None  # the `root` of the base model's card
+    metrics_auth: bool = False  # /metrics needs a valid key (--metrics-auth)
     max_prompt_chars: int | None = None  # per prompt, before tokenizing; None: 16 x context
     max_n: int = 16  # largest `n` / `best_of`
     # Shutting down (`parallm.serve.drain`): new requests get 503 and /health says so while

@@ -1,5 +1,6 @@
-"""/health and /metrics (no key), /v1/models and /v1/models/{id} (key checked): the base model,
-then each loaded LoRA adapter with the base as its `parent` (as vLLM lists them)."""
+"""/health (no key), /metrics (a key only with --metrics-auth), /v1/models and /v1/models/{id}
+(key checked): the base model, then each loaded LoRA adapter with the base as its `parent` (as
+vLLM lists them)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ async def health(request: Request) -> Response:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     state = state_of(request)
+    if state.metrics_auth:
+        await authorize(state, request)
     return Response(
         state.metrics.render(state.engine.stats),
         media_type="text/plain; version=0.0.4; charset=utf-8",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -119,8 +120,10 @@ def _text(content: Any) -> str:
 
 def build_ui(server_url: str, api_key: str | None, model: str | None = None) -> gr.Blocks:
     """The chat page for the server at `server_url`. `api_key` is used when the page's own
-    API key field is empty; `model` None is the server's first model, asked at first use."""
+    API key field is empty (None: no key then); `model` None is the server's first model, asked
+    at first use."""
     chat = ChatClient(server_url, api_key, model)
+    key_label = "API key (empty: the page's own)" if api_key else "API key"
 
     async def respond(
         message: str,
@@ -158,7 +161,7 @@ def build_ui(server_url: str, api_key: str | None, model: str | None = None) -> 
             gr.Textbox(label="System prompt", lines=2),
             gr.Slider(0, 4096, value=0, step=1, label="Max tokens (0: as many as fit)"),
             gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature"),
-            gr.Textbox(label="API key (empty: the page's own)", type="password"),
+            gr.Textbox(label=key_label, type="password"),
         ],
         additional_inputs_accordion=gr.Accordion("Options", open=False),
         analytics_enabled=False,
@@ -169,35 +172,48 @@ def build_ui(server_url: str, api_key: str | None, model: str | None = None) -> 
 
 
 def mount_ui(app: FastAPI, server_url: str, api_key: str | None, path: str = "/ui") -> FastAPI:
-    """Serve the chat page for `server_url` on `app` at `path`. `api_key` None: $PARALLM_API_KEY."""
+    """Serve the chat page for `server_url` on `app` at `path`. `api_key` (the operator's
+    explicit --ui-api-key) is sent for users who type no key; None: each user types their own."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # Gradio's telemetry helpers read only this
-    key = api_key or os.environ.get("PARALLM_API_KEY")
-    page = build_ui(server_url, key)
+    _warn_unused_env_key(api_key, "--ui-api-key")
+    page = build_ui(server_url, api_key)
     return gr.mount_gradio_app(app, page, path=path, **OPTIONS)
 
 
 def main(args: argparse.Namespace) -> int:
-    """`parallm ui`: check that the server answers, then serve the page until stopped."""
+    """`parallm ui`: check that the server answers, then serve the page until stopped. The page
+    sends `--api-key` only when given: a key from the environment would be used by anyone who
+    can open the page (other users of this machine, or others with --host 0.0.0.0)."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    key = args.api_key or os.environ.get("PARALLM_API_KEY")
-    model = _check_server(args.server, key)
-    page = build_ui(args.server, key, model)
+    _warn_unused_env_key(args.api_key, "--api-key")
+    model = _check_server(args.server, args.api_key)
+    page = build_ui(args.server, args.api_key, model)
     page.launch(server_name=args.host, server_port=args.port, show_error=True, **OPTIONS)
     return 0
 
 
-def _check_server(server_url: str, api_key: str | None) -> str:
-    """The server's first model; a UserError naming the option at fault when it cannot be had."""
+def _warn_unused_env_key(api_key: str | None, option: str) -> None:
+    if api_key is None and os.environ.get("PARALLM_API_KEY"):
+        print(
+            f"parallm: the chat page does not send $PARALLM_API_KEY (anyone who opens the page "
+            f"would use it); each user types a key in its Options, or give {option}",
+            file=sys.stderr,
+        )
+
+
+def _check_server(server_url: str, api_key: str | None) -> str | None:
+    """The server's first model when `api_key` is given (None without a key: each user's own
+    key finds it at first use); a UserError naming the option at fault."""
+    base = server_url.rstrip("/")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        response = httpx.get(server_url.rstrip("/") + "/v1/models", headers=headers, timeout=10)
+        response = httpx.get(
+            base + ("/v1/models" if api_key else "/health"), headers=headers, timeout=10
+        )
     except httpx.HTTPError as e:
         raise UserError(f"--server: cannot reach {server_url} ({e})") from e
     if response.status_code in (401, 403):
-        raise UserError(
-            f"--api-key: {server_url} refused it ({response.status_code}); "
-            "give --api-key or set PARALLM_API_KEY"
-        )
+        raise UserError(f"--api-key: {server_url} refused it ({response.status_code})")
     if response.status_code != 200:
-        raise UserError(f"--server: {server_url}/v1/models answered {response.status_code}")
-    return response.json()["data"][0]["id"]
+        raise UserError(f"--server: {response.url} answered {response.status_code}")
+    return response.json()["data"][0]["id"] if api_key else None
