@@ -6,6 +6,7 @@ a key, and the chat page sends no key from the server's environment."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import threading
@@ -348,7 +349,10 @@ def test_access_log_text_format_and_off(model_dir, access_lines):
         body = {"model": MODEL, "prompt": "a b", "max_tokens": 2, "ignore_eos": True}
         assert httpx.post(url + "/v1/completions", json=body).status_code == 200
         assert httpx.post(url + "/v1/completions", json={**body, "model": "x"}).status_code == 404
-    line, not_found = access_lines
+        # A client's path with a newline and a terminal escape stays one escaped line.
+        assert httpx.get(url + "/v1/models/a%0Ab%1B[2J").status_code == 404
+    line, not_found, odd_path = access_lines
+    assert ' path="/v1/models/a\\nb\\u001b[2J" ' in odd_path, odd_path
     fields = dict(part.split("=", 1) for part in line.split(" "))
     assert fields["key_id"] == "-" and fields["model"] == MODEL and fields["status"] == "200"
     assert fields["completion_tokens"] == "2" and float(fields["latency_ms"]) >= 0
@@ -431,3 +435,35 @@ def test_chat_page_sends_no_key_from_the_environment(model_dir, tmp_path, monkey
         else:
             assert text.startswith(expected), text
     store.close()
+
+
+def test_parallm_ui_sends_no_key_from_the_environment(keyed, monkeypatch, capsys):
+    """`parallm ui` with $PARALLM_API_KEY exported: without --api-key the page it serves has no
+    key (each visitor types theirs) and its start-up check needs none; --api-key is checked
+    against the server and given to the page."""
+    pytest.importorskip("gradio")
+    from parallm.errors import UserError
+    from parallm.serve import ui
+
+    url, _, user, _, _ = keyed
+    monkeypatch.setenv("PARALLM_API_KEY", user)
+    built = []
+
+    class Page:
+        def launch(self, **options) -> None:  # serving is Gradio's; the page's key is ours
+            pass
+
+    def build_ui(server_url, api_key, model=None):
+        built.append((api_key, model))
+        return Page()
+
+    monkeypatch.setattr(ui, "build_ui", build_ui)
+    args = argparse.Namespace(server=url, api_key=None, host="127.0.0.1", port=free_port())
+    assert ui.main(args) == 0
+    assert "does not send $PARALLM_API_KEY" in capsys.readouterr().err
+    args.api_key = user
+    assert ui.main(args) == 0
+    assert built == [(None, None), (user, MODEL)]
+    args.api_key = "sk-parallm-wrong"
+    with pytest.raises(UserError, match=r"--api-key: .* refused it \(401\)"):
+        ui.main(args)

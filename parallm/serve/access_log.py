@@ -11,7 +11,8 @@ which writes into the record of the request being handled: the record travels in
 variable, which asyncio copies into the tasks a request starts (a stream's body among them).
 
 Lines go to the `parallm.access` logger, on stderr by default: `text` is `key=value` pairs,
-`json` one JSON object per line.
+`json` one JSON object per line. Either way one request is one line: what a client sent (its path)
+is escaped, never written raw.
 """
 
 from __future__ import annotations
@@ -88,16 +89,19 @@ def format_line(record: AccessRecord, fmt: str) -> str:
     fields = asdict(record)
     if fields["latency_ms"] is not None:
         fields["latency_ms"] = round(fields["latency_ms"], 1)
-    if fmt == "json":
-        return json.dumps(fields, ensure_ascii=False)
+    if fmt == "json":  # ASCII: no character of a client's path can break the line
+        return json.dumps(fields)
     return " ".join(f"{name}={_text_value(v)}" for name, v in fields.items())
 
 
 def _text_value(value: Any) -> str:
+    """The value as is, or JSON-quoted when it is empty or holds a space, a quote, `=` or a
+    character that is not printable (a client's path may hold a newline or a terminal escape)."""
     if value is None:
         return "-"
     text = str(value)
-    return json.dumps(text) if not text or any(c.isspace() or c in '"=' for c in text) else text
+    plain = text and all(c.isprintable() and c not in ' "=' for c in text)
+    return text if plain else json.dumps(text)
 
 
 def configure(fmt: str) -> None:
