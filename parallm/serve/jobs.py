@@ -32,7 +32,6 @@ from fastapi.responses import Response, StreamingResponse
 from parallm.errors import UserError
 from parallm.inference.engine import CompletionOutput, RequestOutput
 from parallm.inference.sampling import SamplingParams
-from parallm.serve import access_log
 from parallm.serve.async_engine import EngineDeadError, QueueFullError
 from parallm.serve.common import APIError, engine_dead
 from parallm.serve.keystore import KeyInfo
@@ -132,7 +131,6 @@ class Job:
             return
         self.recorded = True
         self.state.jobs.pop(self.id, None)
-        access_log.note_usage(self.usage())
         state = self.state
         now = time.monotonic()
         for c in self.choices.values():
@@ -192,24 +190,30 @@ async def off_loop(size: int, fn: Callable[..., T], *args: Any) -> T:
     return await asyncio.get_running_loop().run_in_executor(_PREP_POOL, fn, *args)
 
 
+_PROMPT_ONLY = SamplingParams(max_tokens=1)  # a prompt's own checks; max_tokens' come later
+
+
 def encode_prompt(llm: LLMEngine, text: str, *, add_special_tokens: bool = True) -> list[int]:
-    """`text`'s token ids, if that many fit the context (else a UserError naming `prompt`).
+    """`text`'s token ids, checked as a prompt: not empty, in the vocabulary, fitting the
+    context (else a UserError naming `prompt`).
 
     Tokenized with a batch call, as `tokenizers` releases the GIL in those (not in its single
     `encode`): the event loop runs while a worker tokenizes megabytes. The fast one (tokenizers
     >= 0.20) skips the offsets, a third of the time; and the count comes before the ids, so a
     prompt of millions of tokens is refused without making a Python list of them."""
-    if not text:
-        return []  # as the engine has it: an empty prompt, not a lone BOS (refused later)
+    if not text:  # as the engine has it: an empty prompt, not a lone BOS
+        return llm.check_request([], _PROMPT_ONLY)
     backend = llm.tokenizer.backend
     batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
     encoding = batch([text], add_special_tokens=add_special_tokens)[0]
-    _check_length(llm, len(encoding))
-    return encoding.ids
+    _check_admission(llm, len(encoding), 1)
+    return llm.check_request(encoding.ids, _PROMPT_ONLY)
 
 
-def _check_length(llm: LLMEngine, tokens: int) -> None:
-    found = llm.scheduler.admission_error(tokens, 1) if tokens else None
+def _check_admission(llm: LLMEngine, tokens: int, max_tokens: int) -> None:
+    """A UserError unless a prompt of `tokens` tokens and `max_tokens` fit the context (no
+    pass over the ids: the engine's own check, by length only)."""
+    found = llm.scheduler.admission_error(tokens, max_tokens) if tokens else None
     if found is not None:
         raise UserError(found[1], param=found[0])
 
@@ -254,15 +258,13 @@ async def prompt_ids(state: ServerState, prompts: list[str | list[int]]) -> list
 
 
 def _prompt_ids(llm: LLMEngine, prompts: list[str | list[int]]) -> list[list[int]]:
-    one = SamplingParams(max_tokens=1)  # the prompt's own checks; max_tokens' come later
     out = []
     for p in prompts:
         if isinstance(p, str):
-            ids = encode_prompt(llm, p)
+            out.append(encode_prompt(llm, p))
         else:  # the length first: millions of ids are refused without a pass over them
-            _check_length(llm, len(p))
-            ids = p
-        out.append(llm.check_request(ids, one))
+            _check_admission(llm, len(p), 1)
+            out.append(llm.check_request(p, _PROMPT_ONLY))
     return out
 
 
@@ -274,16 +276,18 @@ def start_job(
     key: KeyInfo | None,
     endpoint: str,
     id_prefix: str,
-    prompts: list[list[int]],
+    ids: list[list[int]],
     params: SamplingParams,
     lora: str | None,
 ) -> Job:
-    """Check every prompt (token ids) with `params` against the context, charge the key, queue
-    the engine requests (through the adapter `lora`, None for the base). 503 once the server's
-    drain has ended the running jobs."""
+    """Check every prompt's `max_tokens` against the context (the prompts are token ids that
+    `prompt_ids` or `encode_prompt` checked, off the event loop for long ones), charge the key,
+    queue the engine requests (through the adapter `lora`, None for the base). 503 once the
+    server's drain has ended the running jobs."""
     if state.cut:
         raise draining_error()
-    ids = [state.llm.check_request(p, params) for p in prompts]
+    for p in ids:
+        _check_admission(state.llm, len(p), params.max_tokens)
     reserved = sum(len(p) for p in ids) + len(ids) * params.n * params.max_tokens
     if key is not None:
         _check_fits(key, reserved, ids, params)
