@@ -32,6 +32,7 @@ from fastapi.responses import Response, StreamingResponse
 from parallm.errors import UserError
 from parallm.inference.engine import CompletionOutput, RequestOutput
 from parallm.inference.sampling import SamplingParams
+from parallm.serve import access_log
 from parallm.serve.async_engine import EngineDeadError, QueueFullError
 from parallm.serve.common import APIError, engine_dead
 from parallm.serve.keystore import KeyInfo
@@ -131,6 +132,7 @@ class Job:
             return
         self.recorded = True
         self.state.jobs.pop(self.id, None)
+        access_log.note_usage(self.usage())
         state = self.state
         now = time.monotonic()
         for c in self.choices.values():
