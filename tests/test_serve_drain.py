@@ -41,7 +41,8 @@ def model_dir(tmp_path_factory):
 
 
 class Server:
-    """`parallm serve` as a subprocess with a key database, its stderr in a file."""
+    """`parallm serve` as a subprocess with a key database, its stderr in a file, in a process
+    group of its own (with its tensor-parallel workers), as a terminal would start it."""
 
     def __init__(self, model_dir: Path, db: Path, *args: str) -> None:
         self.port = free_port()
@@ -50,7 +51,9 @@ class Server:
         cmd = [sys.executable, "-m", "parallm.cli", "serve", "--model", str(model_dir)]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--db", str(db)]
         cmd += ["--served-model-name", MODEL, "--kv-cache-memory", str(32 << 20), *args]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + scaled(180)
         while True:
             assert self.proc.poll() is None, f"server exited:\n{self.output()}"
@@ -141,11 +144,15 @@ def start_streams(url: str, secret: str, count: int, max_tokens: int) -> list[St
     return streams
 
 
-def signal_server(server: Server, sig: int, streams: list[Stream]) -> None:
+def signal_server(server: Server, sig: int, streams: list[Stream], *, group: bool = False) -> None:
+    """`sig` to the server (`group`: to its whole process group, as a terminal's Ctrl-C)."""
     now = time.monotonic()
     for s in streams:
         s.signalled_at = now
-    server.proc.send_signal(sig)
+    if group:
+        os.killpg(server.proc.pid, sig)
+    else:
+        server.proc.send_signal(sig)
 
 
 def new_key(db: Path, name: str) -> tuple[str, str]:
@@ -181,12 +188,14 @@ def assert_clean_exit(server: Server) -> str:
 
 
 def test_drain_lets_running_streams_finish_and_refuses_new_requests(model_dir, tmp_path):
-    """SIGINT with a long --drain-timeout: while four streams finish, /health is 503 draining
-    and a new request 503 with Retry-After; then each stream ends with its finish_reason and
-    [DONE], each usage row holds its tokens, and the server exits 0."""
+    """Ctrl-C (SIGINT to the process group: the server and its tensor-parallel worker) with a
+    long --drain-timeout: while four streams finish, /health is 503 draining and a new request
+    503 with Retry-After; then each stream ends with its finish_reason and [DONE], each usage
+    row holds its tokens, and the server exits 0 (the worker kept serving its shard)."""
     db = tmp_path / "keys.db"
     key_id, secret = new_key(db, "drain")
-    server = Server(model_dir, db, "--drain-timeout", str(scaled(600)))
+    args = ("--drain-timeout", str(scaled(600)), "--tensor-parallel-size", "2")
+    server = Server(model_dir, db, *args)
     try:
         # Streams of about 4 s at the speed measured: still running when the signal lands,
         # however fast the machine, and done long before the drain timeout, however slow.
@@ -194,7 +203,7 @@ def test_drain_lets_running_streams_finish_and_refuses_new_requests(model_dir, t
             min(CONTEXT - len(PROMPT), max(64, 4 * tokens_per_second(server.url, secret)))
         )
         streams = start_streams(server.url, secret, 4, max_tokens)
-        signal_server(server, signal.SIGINT, streams)
+        signal_server(server, signal.SIGINT, streams, group=True)
         health = httpx.get(server.url + "/health", timeout=scaled(30))
         assert health.status_code == 503 and health.json() == {"status": "draining"}
         body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2}

@@ -22,13 +22,15 @@ it into the slot (they share the driver's file system: one machine). Timeouts: t
 collective inside a step. A worker waits for the next header on `control`, whose timeout is
 `IDLE_TIMEOUT` because a server may legitimately sit idle for hours. A driver that dies never
 leaves a worker waiting that long: gloo fails a broadcast at once when its peer's socket closes,
-and spawned workers also exit within a second when their parent process goes away.
+and spawned workers also exit within a second when their parent process goes away. Spawned
+workers ignore SIGINT: a Ctrl-C reaches the whole process group, and it is the driver's to handle.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -224,6 +226,11 @@ def _worker_main(
 ) -> None:
     """A spawned worker: join the group, serve, leave."""
     _exit_with_parent(parent_pid)
+    # The driver ends its workers (STOP, or by going away). A terminal's Ctrl-C reaches the whole
+    # process group: it would kill a worker mid-step while the driver drains its requests
+    # (`parallm serve`), failing them all. SIGTERM keeps its default: multiprocessing ends a
+    # daemon child with it (and then waits for it) when the driver exits without `close()`.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The ranks share the machine's cores; more threads each would only oversubscribe them.
     torch.set_num_threads(max(1, torch.get_num_threads() // size))
     device = _device(device_type, rank)
