@@ -29,6 +29,7 @@ from parallm.inference.engine import EngineConfig, LLMEngine
 from parallm.serve import access_log
 from parallm.serve.app import ServerState, build_app
 from parallm.serve.async_engine import AsyncEngine
+from parallm.serve.drain import DrainGate
 from parallm.serve.keystore import KeyStore
 from parallm.testing.timeouts import scaled
 from tests.serve_helpers import free_port, save_chat_model
@@ -362,6 +363,29 @@ def test_access_log_text_format_and_off(model_dir, access_lines):
         r = httpx.get(url + "/health")
         assert r.status_code == 200 and r.headers["x-request-id"]
     assert access_lines == []
+
+
+def test_the_drains_503s_get_an_id_and_one_line_too(model_dir, access_lines):
+    """As `parallm serve` stacks them: the request log around the drain gate around the app
+    (which holds a request log of its own, passing requests through): one id and one line per
+    request, also for the 503 the gate answers while the server drains."""
+    state = make_state(model_dir, None)
+    served = access_log.RequestLog(
+        DrainGate(build_app(state, log_format="json"), state), fmt="json"
+    )
+    with live(served) as url:
+        body = {"model": MODEL, "prompt": "a b", "max_tokens": 2, "ignore_eos": True}
+        answered = httpx.post(url + "/v1/completions", json=body)
+        state.draining = True
+        refused = httpx.post(url + "/v1/completions", json=body)
+        state.draining = False
+    assert answered.status_code == 200 and refused.status_code == 503
+    ids = [r.headers.get_list("x-request-id") for r in (answered, refused)]
+    assert [len(i) for i in ids] == [1, 1]
+    ok, drained = logged(access_lines, [i[0] for i in ids])
+    assert ok["status"] == 200 and ok["completion_tokens"] == 2 and ok["model"] == MODEL
+    assert drained["status"] == 503 and drained["model"] is None
+    assert len(access_lines) == 2
 
 
 def logged(lines: list[str], ids: list[str]) -> list[dict]:

@@ -118,14 +118,16 @@ def configure(fmt: str) -> None:
 
 class RequestLog:
     """ASGI middleware: the request id header on every HTTP response, and (with `fmt`, one of
-    `LOG_FORMATS`) the request's access-log line once its response has ended."""
+    `LOG_FORMATS`) the request's access-log line once its response has ended. Nested, the
+    outermost one does this and the inner ones pass requests through: `build_app` puts one in
+    the app, and `parallm serve` one around everything it serves (the drain's 503s too)."""
 
     def __init__(self, app: Any, *, fmt: str | None = "text") -> None:
         self.app = app
         self.fmt = fmt
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or _current.get() is not None:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()

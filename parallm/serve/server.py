@@ -15,6 +15,7 @@ from parallm.inference.engine import LLMEngine
 from parallm.inference.lora import check_servable, servable_modules
 from parallm.models.hf import read_family
 from parallm.models.peft_format import read_adapter
+from parallm.serve.access_log import RequestLog
 from parallm.serve.app import ServerState, build_app
 from parallm.serve.async_engine import AsyncEngine
 from parallm.serve.config import ServerConfig
@@ -64,9 +65,11 @@ def serve(config: ServerConfig) -> int:
         flush=True,
     )
     gate = DrainGate(app, state)
+    # Outermost, so that the drain's 503s also get a request id and an access-log line.
+    served = RequestLog(gate, fmt=None if config.no_access_log else config.log_format)
     # After the drain only idle connections are left: timeout_graceful_shutdown bounds the rest.
     uv_config = uvicorn.Config(
-        gate,
+        served,
         host=config.host,
         port=config.port,
         log_level=config.log_level,
