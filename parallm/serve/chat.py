@@ -16,19 +16,16 @@ from parallm.inference.engine import CompletionOutput
 from parallm.serve.common import authorize, check_model, read_body, state_of
 from parallm.serve.jobs import (
     Job,
-    check_n,
-    check_prompt_chars,
     collect,
-    encode_prompt,
     job_chunk,
     max_tokens_for,
     new_output,
-    off_loop,
     raise_output_error,
     start_job,
     stream_response,
     token_str,
 )
+from parallm.serve.prompts import check_n, check_prompt_chars, encode_prompt, off_loop
 from parallm.serve.protocol import ChatCompletionRequest, parse
 
 if TYPE_CHECKING:

@@ -18,19 +18,17 @@ from parallm.inference.sampling import TokenLogprobs
 from parallm.serve.common import authorize, check_model, read_body, state_of
 from parallm.serve.jobs import (
     Job,
-    check_n,
     collect,
     job_chunk,
     max_tokens_for,
     new_output,
-    off_loop,
-    prompt_ids,
     prompt_index,
     raise_output_error,
     start_job,
     stream_response,
     token_str,
 )
+from parallm.serve.prompts import check_n, off_loop, prompt_ids
 from parallm.serve.protocol import CompletionRequest, parse
 
 router = APIRouter()
