@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import threading
 import time
 from collections import Counter
@@ -33,6 +34,7 @@ from parallm.serve.drain import DrainGate
 from parallm.serve.keystore import KeyStore
 from parallm.testing.timeouts import scaled
 from tests.serve_helpers import free_port, save_chat_model
+from tests.test_serve_drain import Server
 
 MODEL = "tiny"
 CONTEXT = 128
@@ -416,6 +418,42 @@ def test_metrics_auth_needs_any_valid_key_and_health_stays_open(keyed):
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
         assert "parallm_kv_cache_blocks" in r.text
     assert httpx.get(url + "/health").json() == {"status": "ok"}
+
+
+def test_parallm_serve_writes_json_lines_only_and_guards_metrics(model_dir, tmp_path):
+    """The command as an operator runs it: --log-format json gives one JSON object per request
+    on stderr (uvicorn's own access log is off, so no request is logged twice), --metrics-auth
+    needs a key."""
+    db = tmp_path / "keys.db"
+    with KeyStore(str(db)) as store:
+        _, secret = store.create("scraper")
+    # At --log-level info uvicorn would write its own access lines, if it were on.
+    server = Server(model_dir, db, "--log-format", "json", "--metrics-auth", "--log-level", "info")
+    try:
+        assert httpx.get(server.url + "/metrics").status_code == 401
+        assert httpx.get(server.url + "/metrics", headers=bearer(secret)).status_code == 200
+        body = {"model": MODEL, "prompt": "a b", "max_tokens": 3, "ignore_eos": True}
+        headers = bearer(secret) | {"x-request-id": "job-7"}
+        assert (
+            httpx.post(server.url + "/v1/completions", json=body, headers=headers).status_code
+            == 200
+        )
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(scaled(120)) == 0
+        out = server.output().splitlines()
+    finally:
+        server.close()
+    records = [json.loads(line) for line in out if line.startswith("{")]
+    others = [line for line in out if not line.startswith("{")]
+    assert not [line for line in others if "HTTP/1.1" in line or "Traceback" in line], others
+    # The readiness probes of the helper, then the three requests above, in order.
+    mine = [r for r in records if r["path"] != "/health"]
+    assert [(r["path"], r["status"]) for r in mine] == [
+        ("/metrics", 401),
+        ("/metrics", 200),
+        ("/v1/completions", 200),
+    ]
+    assert mine[2]["request_id"] == "job-7" and mine[2]["completion_tokens"] == 3
 
 
 @pytest.mark.parametrize(
