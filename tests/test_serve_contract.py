@@ -90,9 +90,16 @@ def make_state(model_dir: Path, keystore: KeyStore | None, **options) -> ServerS
 def live(app, port: int | None = None) -> Iterator[str]:
     """`app` under uvicorn on a loopback port, in a thread of this process; yields its URL."""
     port = port or free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    # The chat page's event streams end only at their next heartbeat (15 s): not waited for.
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="error",
+        access_log=False,
+        timeout_graceful_shutdown=1,
     )
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
