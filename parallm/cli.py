@@ -24,8 +24,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from parallm.train.__main__ import run
-
     if args.nproc < 1:
         raise UserError(f"--nproc: {args.nproc} is not valid; must be >= 1")
     from parallm.config import JobConfig, load_config
@@ -33,6 +31,8 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = load_config(JobConfig, args.job, overrides)
     _check_lora(cfg)
     if args.nproc == 1:
+        from parallm.train.__main__ import run  # torch: only once the job file is valid
+
         return run(args.job, overrides, resume=args.resume)
     import subprocess
 
@@ -71,6 +71,9 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from parallm.utils.fs import model_dir, read_json
+
+    read_json(model_dir(args.model) / "config.json")  # before torch: a wrong path answers at once
     from parallm.inference.llm import LLM
     from parallm.inference.sampling import SamplingParams
 
@@ -132,8 +135,6 @@ def _generate_lora(args: argparse.Namespace) -> dict:
 
 
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
-    if args.what not in ("train", "infer", "serve"):
-        raise UserError(f"bench: {args.what!r} is not a benchmark; valid: train, infer, serve")
     if args.what == "serve":
         import_extra("matplotlib", command="bench serve", extra="serve")
         import_extra("parallm.bench.serve", command="bench serve", extra="serve")
@@ -271,11 +272,61 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="benchmarks: train, infer, serve (see `parallm bench serve --help`)",
-        add_help=False,
+        help="benchmarks: train, infer, serve (`parallm bench --help` lists them)",
+        description="Benchmarks; `parallm bench NAME --help` shows a benchmark's options.",
     )
-    bench.add_argument("what", help="train | infer | serve")
+    _add_benchmarks(bench)
     return parser
+
+
+BENCHMARKS = {
+    "train": "training tokens/s, MFU and peak memory of a model shape on any layout; "
+    "SFT and LoRA against transformers + peft",
+    "infer": "offline generation throughput, parallm against transformers on the same weights",
+    "serve": "latency (TTFT, TPOT, ITL) and throughput of a running server under Poisson load",
+}
+
+
+def _add_benchmarks(bench: argparse.ArgumentParser) -> None:
+    """One entry per benchmark, listed by `parallm bench --help`; each benchmark's own options
+    are its module's parser (the rest of the command line goes to it, `--help` too)."""
+    names = bench.add_subparsers(
+        dest="what", required=True, parser_class=_Parser, metavar="{" + ",".join(BENCHMARKS) + "}"
+    )
+    for name, line in BENCHMARKS.items():
+        names.add_parser(name, help=line, add_help=False)
+
+
+def _add_launch_options(train: argparse.ArgumentParser) -> None:
+    """`parallm train`'s resume mode and where its ranks run (torchrun's elastic agent)."""
+    from parallm.train.__main__ import add_resume_option
+
+    add_resume_option(train)
+    train.add_argument(
+        "--nproc", type=int, default=1, help="processes on this node (> 1: torchrun's agent)"
+    )
+    train.add_argument("--nnodes", type=int, default=1, help="nodes of the job (default 1)")
+    train.add_argument(
+        "--node-rank", type=int, default=0, help="this node's index (0 hosts the rendezvous)"
+    )
+    train.add_argument(
+        "--rdzv-endpoint",
+        default=None,
+        metavar="HOST:PORT",
+        help="where node 0 hosts the c10d rendezvous (the same on every node; multi-node)",
+    )
+    train.add_argument("--rdzv-id", default=None, help="the job's name, the same on every node")
+    train.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="restart every rank this often after one fails (with --resume auto: resumes)",
+    )
+    train.add_argument(
+        "--standalone",
+        action="store_true",
+        help="a private rendezvous on this node (the default for one node)",
+    )
 
 
 def _add_keys_actions(keys: argparse.ArgumentParser, db_help: str) -> None:

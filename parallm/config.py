@@ -9,6 +9,7 @@ the wrong type or an invalid value is a `UserError` naming the field, the value 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import tomllib
 import types
 import typing
@@ -99,7 +100,7 @@ class ModelConfig:
     tie_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        from parallm.models.registry import model_types
+        from parallm.models.families import model_types  # torch-free: errors answer at once
 
         types_ = model_types()
         _check(
@@ -285,6 +286,17 @@ DPO_LOSSES = ("sigmoid", "ipo", "simpo")
 FROZEN_DTYPES = ("float32", "bfloat16")
 
 
+# The objectives in parallm/train/tasks/<name>.py; each registers itself when imported.
+BUILTIN_TASKS = ("dpo", "pretrain", "sft")
+
+
+def _task_names() -> list[str]:
+    """The registered task names. A task registers through `parallm.train.tasks` (torch), so
+    while that is not imported only the built-ins exist, and a job file is checked without it."""
+    tasks = sys.modules.get("parallm.train.tasks")
+    return tasks.task_names() if tasks is not None else sorted(BUILTIN_TASKS)
+
+
 @dataclass(kw_only=True)
 class TaskConfig:
     """The training objective (`parallm/train/tasks/`): `pretrain` (causal LM on packed text),
@@ -314,9 +326,7 @@ class TaskConfig:
     simpo_gamma: float = 0.5
 
     def __post_init__(self) -> None:
-        from parallm.train.tasks import task_names
-
-        names = task_names()
+        names = _task_names()
         _check(self.name in names, "task.name", self.name, f"valid: {', '.join(names)}")
         _check(
             self.attention in TASK_ATTENTION,

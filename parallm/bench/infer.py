@@ -17,13 +17,14 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from parallm.bench import parse_len_range
 from parallm.bench.train import SHAPES
 from parallm.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 # A ~20M-parameter Llama for CPU runs (the inference issue's CPU target).
 INFER_SHAPES = {
@@ -60,6 +61,8 @@ def random_model_dir(shape: str, out: Path, dtype: torch.dtype) -> Path:
 
 
 def workload(n: int, vocab: int, inp: tuple[int, int], outp: tuple[int, int], seed: int):
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     prompts, outputs = [], []
     for _ in range(n):
@@ -94,8 +97,8 @@ def run_parallm(model_dir: Path, prompts, outputs, args) -> float:
     return elapsed
 
 
-@torch.inference_mode()
 def run_transformers(model_dir: Path, prompts, outputs, args) -> float:
+    import torch
     import transformers
 
     device = args.device or "cpu"
@@ -103,23 +106,24 @@ def run_transformers(model_dir: Path, prompts, outputs, args) -> float:
     model = model.to(device).eval()
     pad = 0
     start = time.perf_counter()
-    for i in range(0, len(prompts), args.hf_batch):
-        batch, outs = prompts[i : i + args.hf_batch], outputs[i : i + args.hf_batch]
-        width = max(len(p) for p in batch)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-        model.generate(
-            ids,
-            attention_mask=mask,
-            do_sample=True,
-            top_k=0,
-            max_new_tokens=max(outs),
-            min_new_tokens=max(outs),
-            pad_token_id=pad,
-            eos_token_id=None,
-        )
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    with torch.inference_mode():
+        for i in range(0, len(prompts), args.hf_batch):
+            batch, outs = prompts[i : i + args.hf_batch], outputs[i : i + args.hf_batch]
+            width = max(len(p) for p in batch)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+            mask = [[0] * (width - len(p)) + [1] * len(p) for p in batch]
+            model.generate(
+                ids,
+                attention_mask=torch.tensor(mask, device=device),
+                do_sample=True,
+                top_k=0,
+                max_new_tokens=max(outs),
+                min_new_tokens=max(outs),
+                pad_token_id=pad,
+                eos_token_id=None,
+            )
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -142,9 +146,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from parallm.models.hf import read_family, resolve_dtype
-    from parallm.utils.fs import write_json_atomic
-
+    # Options are checked before torch is imported: --help and their errors answer at once.
     args = parser().parse_args(argv)
     out = Path(args.out)
     inp, outp = (
@@ -153,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.num_requests < 1:
         raise UserError(f"--num-requests: {args.num_requests} is not valid; must be >= 1")
+    from parallm.models.hf import read_family, resolve_dtype
+    from parallm.utils.fs import write_json_atomic
+
     dtype = resolve_dtype(args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     args.dtype = str(dtype).removeprefix("torch.")
     model_dir = Path(args.model) if args.model else random_model_dir(args.shape, out, dtype)

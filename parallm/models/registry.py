@@ -2,10 +2,11 @@
 names a family.
 
 A family lives in `parallm/models/<family>/` and registers its spec when imported; the modules
-listed in `FAMILY_MODULES` are imported on the first lookup (one line per family). Training,
-serving, the planner and the CLI find a family by the `model_type` of a Hugging Face
-`config.json` (or its `architectures`), by a model type name, or by the type of a model's
-arguments, and reach the model only through the spec.
+listed in `families.FAMILY_MODULES` (one line per family, with the model types it registers,
+readable without torch) are imported on the first lookup. Training, serving, the planner and the
+CLI find a family by the `model_type` of a Hugging Face `config.json` (or its `architectures`),
+by a model type name, or by the type of a model's arguments, and reach the model only through
+the spec.
 """
 
 from __future__ import annotations
@@ -19,11 +20,9 @@ import torch
 from torch import nn
 
 from parallm.errors import UserError
+from parallm.models import families
 from parallm.models.attention import AttentionSpec
 from parallm.models.plan import ParallelPlan
-
-# One line per family: the module whose import registers it.
-FAMILY_MODULES = ("parallm.models.llama",)
 
 
 class HFAdapter(Protocol):
@@ -102,8 +101,10 @@ def _load() -> None:
     global _loaded
     if not _loaded:
         _loaded = True
-        for module in FAMILY_MODULES:
+        for module in families.FAMILY_MODULES:
             importlib.import_module(module)
+        declared = families.model_types()
+        assert sorted(_FAMILIES) == declared, f"registered {sorted(_FAMILIES)}, not {declared}"
 
 
 def model_types() -> list[str]:

@@ -91,3 +91,14 @@ def read_json(path: str | os.PathLike) -> dict:
     if not isinstance(obj, dict):
         raise UserError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj
+
+
+def model_dir(path: str | os.PathLike) -> Path:
+    """`path` as a readable directory (a model's); a UserError naming it otherwise. Torch-free,
+    so the commands check it before loading anything."""
+    d = Path(path)
+    if not d.is_dir():
+        raise UserError(f"model directory {str(d)!r} does not exist or is not a directory")
+    if not os.access(d, os.R_OK | os.X_OK):
+        raise UserError(f"model directory {str(d)!r} is not readable")
+    return d

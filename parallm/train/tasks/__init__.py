@@ -15,6 +15,7 @@ the task keeps what it needs of its logits in `Batch.extras`.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -182,8 +183,10 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 
 def task_names() -> list[str]:
-    from parallm.train.tasks import dpo, pretrain, sft  # noqa: F401  (built-ins register)
+    from parallm.config import BUILTIN_TASKS
 
+    for name in BUILTIN_TASKS:  # each registers itself when imported
+        importlib.import_module(f"parallm.train.tasks.{name}")
     return sorted(TASKS)
 
 
