@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from parallm.testing.timeouts import scaled
 from tests.serve_helpers import free_port
 
 
@@ -44,7 +45,7 @@ def postgres_url() -> Iterator[str | None]:
     data, port = root / "data", free_port()
 
     def run(*cmd: str) -> None:
-        subprocess.run(as_user + list(cmd), check=True, capture_output=True, timeout=120)
+        subprocess.run(as_user + list(cmd), check=True, capture_output=True, timeout=scaled(120))
 
     try:
         run(str(pg_bin / "initdb"), "-D", str(data), "-U", "parallm", "--auth=trust", "-E", "UTF8")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 
+from parallm.testing.timeouts import scaled
 from parallm.tokenizer import Tokenizer
 from tests.hf_models import save_hf_model_with_tokenizer
 
@@ -58,17 +59,19 @@ def running_server(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}:\n{_read(log.name)}")
             try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                if httpx.get(url + "/health", timeout=scaled(5)).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server not up after {timeout} s:\n{_read(log.name)}")
+                raise RuntimeError(
+                    f"server not up after {scaled(timeout):.0f} s:\n{_read(log.name)}"
+                )
             time.sleep(0.2)
         yield url
     finally:

@@ -11,6 +11,7 @@ import pytest
 from hf_models import save_hf_model
 
 from parallm.cli import main
+from parallm.testing.timeouts import scaled
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
@@ -133,7 +134,7 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=scaled(120),
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from parallm.testing.distributed import DistributedFailure, run_distributed
+from parallm.testing.timeouts import scaled
 
 
 def _all_reduce(rank: int, world_size: int, base: float) -> list[float]:
@@ -30,4 +31,4 @@ def test_collectives_on_four_gloo_processes(tmp_path):
 
 def test_a_failing_rank_is_reported_not_hung(tmp_path):
     with pytest.raises(DistributedFailure, match="rank 1:(.|\n)*rank one is broken"):
-        run_distributed(_fail_on_rank_one, 2, tmp_path, timeout_s=5)
+        run_distributed(_fail_on_rank_one, 2, tmp_path, timeout_s=scaled(5))

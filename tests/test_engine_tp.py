@@ -25,6 +25,7 @@ from parallm.errors import UserError
 from parallm.inference.llm import LLM
 from parallm.inference.sampling import SamplingParams
 from parallm.testing.distributed import run_distributed
+from parallm.testing.timeouts import scaled
 
 LENGTHS = [1, 5, 17, 40, 64, 99, 128, 150, 200, 33]
 MAX_TOKENS = [12, 3, 20, 7, 16, 1, 9, 14, 5, 11]
@@ -117,7 +118,7 @@ def test_existing_process_group_is_reused(model_dir, tmp_path):
     d, prompts, expected = model_dir
     pick = [0, 2, 3]  # max_tokens >= 6, so greedy's first 6 tokens are known
     got = run_distributed(
-        _in_process_group, 2, tmp_path, d, [prompts[i] for i in pick], timeout_s=120
+        _in_process_group, 2, tmp_path, d, [prompts[i] for i in pick], timeout_s=scaled(120)
     )
     assert got == [[expected[i][:6] for i in pick], None]
 
@@ -148,7 +149,7 @@ def test_workers_exit_when_the_driver_dies(model_dir):
     assert run.returncode == -9, run.stderr
     pids = [int(p) for p in run.stdout.split()]
     assert len(pids) == 1
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + scaled(30)
     while any(map(_running, pids)) and time.monotonic() < deadline:
         time.sleep(0.2)
     left = [pid for pid in pids if _running(pid)]

@@ -17,6 +17,7 @@ from parallm.cli import build_parser
 from parallm.errors import UserError
 from parallm.extras import OPTIONAL_MODULES
 from parallm.serve.config import ServerConfig
+from parallm.testing.timeouts import scaled
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_STACK = {"fastapi", "uvicorn", "gradio", "sqlalchemy"}
@@ -70,7 +71,7 @@ def _run_without(blocked: set[str], *commands: list[str]) -> dict:
         [sys.executable, "-c", SCRIPT, json.dumps(sorted(blocked)), json.dumps(commands)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=scaled(300),
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr

@@ -21,6 +21,7 @@ from parallel_jobs import (
 )
 
 from parallm.testing.distributed import run_distributed
+from parallm.testing.timeouts import scaled
 from parallm.train.trainer import Trainer
 
 # Two stages per rank (4 in all): micro-batches of 4 rows, one pipeline micro-batch per stage.
@@ -103,7 +104,7 @@ def _check_layout(name, reference, tmp_path):
         tok,
         out,
         (*job_extra, *extra),
-        timeout_s=240,
+        timeout_s=scaled(240),
     )[0]
     got = [r["loss"] for r in records]
     expected = [r["loss"] for r in ref_records]

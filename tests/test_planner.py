@@ -26,6 +26,7 @@ from parallm.planner import (
     valid_layouts,
 )
 from parallm.testing.distributed import run_distributed
+from parallm.testing.timeouts import scaled
 
 # Nothing divides evenly: vocab 250 over 4 shards is 63, 63, 63, 61; dim 18 is 5, 5, 5, 3; a
 # q/k norm of 6 is 2, 2, 2 and an empty chunk; 5 layers cut unevenly into stages.
@@ -111,7 +112,7 @@ def _measure(rank: int, world_size: int, layouts: list) -> list:
 @pytest.mark.parametrize("world_size", sorted(LAYOUTS))
 def test_state_bytes_match_real_layouts(tmp_path, world_size):
     layouts = LAYOUTS[world_size]
-    per_rank = run_distributed(_measure, world_size, tmp_path, layouts, timeout_s=120)
+    per_rank = run_distributed(_measure, world_size, tmp_path, layouts, timeout_s=scaled(120))
     for i, (fields, tied) in enumerate(layouts):
         pcfg, dims = _dims(fields, world_size)
         pipe = dict(

@@ -9,6 +9,7 @@ import torch
 from parallel_jobs import assert_weights_close, job, make_corpus, train_worker, weights
 
 from parallm.testing.distributed import run_distributed
+from parallm.testing.timeouts import scaled
 from parallm.train import checkpoint as ckpt
 from parallm.train.trainer import Trainer
 
@@ -22,7 +23,7 @@ def saved(tmp_path_factory):
     data, tok = make_corpus(root)
     full = Trainer(job(data, tok, root / "full")).fit()
     run_distributed(
-        train_worker, 4, root / "rdzv", data, tok, root / "cut", SAVE_ON, 3, timeout_s=240
+        train_worker, 4, root / "rdzv", data, tok, root / "cut", SAVE_ON, 3, timeout_s=scaled(240)
     )
     assert ckpt.latest_checkpoint(root / "cut" / "checkpoints").name == "step_00000003"
     return root, data, tok, full

@@ -15,6 +15,7 @@ import openai
 import pytest
 import torch
 
+from parallm.testing.timeouts import scaled
 from tests.hf_models import greedy_reference
 from tests.serve_helpers import running_server, save_chat_model
 
@@ -49,7 +50,7 @@ def metric(url: str, name: str) -> float:
 
 def wait_idle(url: str, timeout: float = 20) -> None:
     """Until nothing runs or waits and every KV block is back in the pool."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while True:
         running = metric(url, "parallm_num_requests_running")
         waiting = metric(url, "parallm_num_requests_waiting")
@@ -198,7 +199,7 @@ def test_curl_sse_framing(server):
         ],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=scaled(60),
         check=True,
     ).stdout
     head, _, events = out.replace("\r\n", "\n").partition("\n\n")
@@ -302,7 +303,7 @@ def test_disconnect_aborts_and_frees_blocks(server):
     generated = metric(server, "parallm_generation_tokens_total")
     body = {"model": MODEL, "prompt": "x", "max_tokens": 400, "stream": True, "extra_body": None}
     body = {k: v for k, v in body.items() if v is not None} | {"ignore_eos": True}
-    with httpx.stream("POST", server + "/v1/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", server + "/v1/completions", json=body, timeout=scaled(60)) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
         got = 0

@@ -18,6 +18,7 @@ from parallm.inference.engine import EngineConfig, LLMEngine
 from parallm.serve.app import ServerState, build_app
 from parallm.serve.async_engine import AsyncEngine
 from parallm.serve.keystore import KeyStore
+from parallm.testing.timeouts import scaled
 from tests.pg_helpers import postgres_url
 from tests.serve_helpers import running_server, save_chat_model
 from tests.test_serve import MODEL, wait_idle
@@ -71,7 +72,7 @@ def usage_rows(db, key_id: str) -> dict[str, tuple[int, int]]:
 
 
 def wait_rows(db, key_id: str, count: int, timeout: float = 30) -> dict[str, tuple[int, int]]:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while len(rows := usage_rows(db, key_id)) < count:
         assert time.monotonic() < deadline, f"{len(rows)} of {count} usage rows"
         time.sleep(0.1)
@@ -178,7 +179,7 @@ def test_load_with_disconnects(keyed):
         limits = httpx.Limits(max_connections=250, max_keepalive_connections=0)
         headers = {"Authorization": f"Bearer {secret}"}
         async with httpx.AsyncClient(
-            base_url=url, headers=headers, limits=limits, timeout=300
+            base_url=url, headers=headers, limits=limits, timeout=scaled(300)
         ) as client:
             return await asyncio.gather(*(one(client, *job) for job in jobs))
 
@@ -206,7 +207,7 @@ def test_full_queue_answers_429(model_dir):
         body = {"model": MODEL, "prompt": "x", "max_tokens": 300, "ignore_eos": True}
 
         async def run() -> list[httpx.Response]:
-            async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            async with httpx.AsyncClient(base_url=url, timeout=scaled(120)) as client:
                 return await asyncio.gather(
                     *(client.post("/v1/completions", json=body) for _ in range(4))
                 )

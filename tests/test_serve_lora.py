@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from lora_helpers import save_peft_adapter
 
 from parallm.serve.keystore import KeyStore, format_keys
+from parallm.testing.timeouts import scaled
 from tests.hf_models import greedy_reference, save_hf_model
 from tests.pg_helpers import postgres_url
 from tests.serve_helpers import free_port, running_server, save_chat_model
@@ -147,7 +148,7 @@ def test_usage_and_metrics_are_per_adapter(server, capsys):
     for model, count in ((MODEL, 1), ("sql", 2)):
         got = _metric(url, "parallm_generation_tokens_total", model) - before[model]
         assert got == count * MAX_TOKENS
-    deadline = time.monotonic() + PATIENCE_S
+    deadline = time.monotonic() + scaled(PATIENCE_S)
     with KeyStore(str(db)) as store:
         while sum(s.requests for s in store.usage(key_id=key[0].id)) < 3:
             assert time.monotonic() < deadline, "usage rows not recorded"
@@ -170,11 +171,11 @@ def test_admin_keys_load_and_unload_adapters(server, setup):
 
     def post(body: dict, key: tuple | None = admin) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key[1]}"} if key else {}
-        return httpx.post(admin_url, json=body, headers=headers, timeout=120)
+        return httpx.post(admin_url, json=body, headers=headers, timeout=scaled(120))
 
     def delete(name: str, key: tuple | None = admin) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key[1]}"} if key else {}
-        return httpx.delete(f"{admin_url}/{name}", headers=headers, timeout=120)
+        return httpx.delete(f"{admin_url}/{name}", headers=headers, timeout=scaled(120))
 
     body = {"name": "verse", "path": str(d / "poet")}
     assert post(body, key=None).status_code == 401
@@ -219,7 +220,7 @@ def test_admin_keys_load_and_unload_adapters(server, setup):
     assert delete("verse").status_code == 404
     r = delete(MODEL)
     assert r.status_code == 400 and "cannot be unloaded" in r.json()["error"]["message"]
-    deadline = time.monotonic() + PATIENCE_S
+    deadline = time.monotonic() + scaled(PATIENCE_S)
     auth = {"Authorization": f"Bearer {admin[1]}"}
     while any(a.get("unloaded") for a in httpx.get(admin_url, headers=auth).json()["data"]):
         assert time.monotonic() < deadline, "the unloaded adapter's slot was never freed"

@@ -13,6 +13,7 @@ import httpx
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
+from parallm.testing.timeouts import scaled
 from tests.serve_helpers import free_port, running_server, save_chat_model
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -32,7 +33,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 MAX_TOKENS = 24
-TIMEOUT_MS = 30_000
+TIMEOUT_MS = int(scaled(30) * 1000)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,7 @@ def api_reply(server: str, messages: list[dict[str, str]]) -> str:
     """The server's greedy, non-streaming answer to `messages`."""
     model = httpx.get(server + "/v1/models").json()["data"][0]["id"]
     body = {"model": model, "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0}
-    response = httpx.post(server + "/v1/chat/completions", json=body, timeout=60)
+    response = httpx.post(server + "/v1/chat/completions", json=body, timeout=scaled(60))
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["message"]["content"]
 
@@ -175,15 +176,15 @@ def test_parallm_ui_serves_the_page_for_a_server(server, page, tmp_path):
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + scaled(60)
         while True:
             assert proc.poll() is None, log.read_text()
             try:
-                if httpx.get(url, timeout=5).status_code == 200:
+                if httpx.get(url, timeout=scaled(5)).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
-            assert time.monotonic() < deadline, "parallm ui did not answer within 60 s"
+            assert time.monotonic() < deadline, "parallm ui did not answer in time"
             time.sleep(0.2)
         open_chat(page, url)
         # The Options never opened (Gradio then gives None for their text boxes): sampled.

@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -241,6 +242,12 @@ def _worker_main(
     finally:
         group.close()
         dist.destroy_process_group()
+    # Stopped cleanly: leave now. The interpreter's teardown (freeing the model, torch's
+    # finalizers) has nothing to keep, yet on a loaded machine it can outlast the driver's grace
+    # period (`close`), which would then kill a worker that had already finished.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _exit_with_parent(parent_pid: int) -> None:

@@ -4,6 +4,12 @@ For tests: no ports (so no address-in-use races and no retries), a bounded time,
 rank's exception reported with the rank that raised it. Each rank's return value comes back to
 the caller in rank order.
 
+`timeout_s` bounds the function, not the start: a spawned rank first imports torch, which on a
+loaded machine takes tens of seconds and differs between ranks. So the ranks meet at a file
+barrier after starting (bounded by `parallm.testing.timeouts.scaled(STARTUP_S)`), and only then
+join the process group, whose collectives time out after `timeout_s`, and the caller's deadline
+(`timeout_s` plus a scaled margin for leaving) starts.
+
     def fn(rank, world_size, x):
         t = torch.tensor([x + rank]); dist.all_reduce(t); return t.item()
 
@@ -25,9 +31,32 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from parallm.testing.timeouts import scaled
+
+STARTUP_S = 120.0  # for every rank to start (import torch), before load scaling
+EXIT_S = 30.0  # for every rank to leave after the function, before load scaling
+
 
 class DistributedFailure(RuntimeError):
     """One or more ranks raised; the message holds each failing rank's traceback."""
+
+
+def _started(workdir: Path, rank: int) -> Path:
+    return workdir / f"started-{rank}"
+
+
+def _all_started(workdir: Path, world_size: int) -> bool:
+    return all(_started(workdir, r).exists() for r in range(world_size))
+
+
+def _wait_for_every_rank(workdir: Path, rank: int, world_size: int, startup_s: float) -> None:
+    """Mark this rank started; return when every rank has (a TimeoutError after `startup_s`)."""
+    _started(workdir, rank).touch()
+    deadline = time.monotonic() + startup_s
+    while not _all_started(workdir, world_size):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not every rank started within {startup_s:.0f} s")
+        time.sleep(0.05)
 
 
 def _worker(
@@ -37,10 +66,12 @@ def _worker(
     fn: Callable[..., Any],
     args: tuple,
     timeout_s: float,
+    startup_s: float,
 ) -> None:
     result_file = Path(workdir) / f"result-{rank}.pkl"
     torch.set_num_threads(1)  # N ranks share a few cores; more threads only oversubscribe
     try:
+        _wait_for_every_rank(Path(workdir), rank, world_size, startup_s)
         dist.init_process_group(
             "gloo",
             init_method=f"file://{workdir}/rendezvous",
@@ -63,24 +94,30 @@ def run_distributed(
     world_size: int,
     workdir: str | os.PathLike,
     *args: Any,
-    timeout_s: float = 300.0,
+    timeout_s: float | None = None,
 ) -> list[Any]:
     """Run `fn(rank, world_size, *args)` on `world_size` spawned gloo processes.
 
     `fn` and `args` must be picklable (a module-level function). `workdir` must be an empty
     directory private to this call (pytest's `tmp_path`); the rendezvous file lives there.
     Returns each rank's return value; raises `DistributedFailure` if any rank raised, or if the
-    processes did not finish within `timeout_s` (collectives time out after the same bound).
+    processes did not finish within `timeout_s` once all had started (collectives time out after
+    the same bound); default `scaled(300)`. Pass a scaled bound too (`scaled(60)`).
     """
+    timeout_s = scaled(300) if timeout_s is None else timeout_s
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    startup_s = scaled(STARTUP_S)
     ctx = mp.spawn(
         _worker,
-        args=(world_size, str(workdir), fn, args, timeout_s),
+        args=(world_size, str(workdir), fn, args, timeout_s, startup_s),
         nprocs=world_size,
         join=False,
     )
-    deadline = time.monotonic() + timeout_s + 30
+    # Until every rank has started, the bound is the start-up's (the ranks' own, plus a margin);
+    # from then on the function's, plus a margin for leaving.
+    deadline = time.monotonic() + startup_s + scaled(EXIT_S)
+    running = False
     deadline_hit = False
     while True:
         try:
@@ -88,6 +125,9 @@ def run_distributed(
                 break
         except mp.ProcessExitedException:  # a rank died without reporting (e.g. a signal)
             break
+        if not running and _all_started(workdir, world_size):
+            running = True
+            deadline = time.monotonic() + timeout_s + scaled(EXIT_S)
         if time.monotonic() > deadline:
             deadline_hit = True
             break
@@ -106,7 +146,8 @@ def run_distributed(
             errors.append(f"rank {rank}:\n{value}")
         results.append(value if status == "ok" else None)
     if deadline_hit:
-        errors.insert(0, f"timed out after {timeout_s:.0f} s")
+        what = f"{timeout_s:.0f} s" if running else f"start-up ({startup_s:.0f} s)"
+        errors.insert(0, f"timed out after {what}")
     if errors:
         raise DistributedFailure("\n".join(errors))
     return results
