@@ -18,6 +18,8 @@ install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
 	$(BIN)/parallm train configs/demo.toml
+	@echo "The parallm command is in $(BIN): run 'source $(BIN)/activate' to put it on your PATH"
+	@echo "(or call $(BIN)/parallm), then e.g.: parallm generate --model runs/demo/hf --prompt 'def '"
 
 # The post-training demo (README): a small support-chat model, a company's private facts (LoRA
 # SFT) and its house style (DPO), each measured on held-out questions.

@@ -147,7 +147,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on GPU, float32 on CPU) | float32 | bfloat16
-    log_every: int = 10
+    # Steps between progress lines when not on a terminal (a line also comes after a minute
+    # without one, so a slow job is never silent); a terminal gets a progress bar instead.
+    log_every: int = 1
     eval_every: int = 0  # steps between evaluations of the held-out data (0: after the last)
 
     def __post_init__(self) -> None:

@@ -34,7 +34,7 @@ def test_nproc_trains_and_writes_metrics_on_rank0_only(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("step      1 |") == 1  # one progress line per step: rank 0 only
+    assert proc.stdout.count("step 1/3 |") == 1  # one progress line per step: rank 0 only
     assert "rank 1: parameters" in proc.stdout
     lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3

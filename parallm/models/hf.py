@@ -21,25 +21,17 @@ from parallm.errors import UserError
 from parallm.models.build import canonical_name, tie_weights, value_source
 from parallm.models.lora import is_lora_param
 from parallm.models.registry import FamilySpec, family_of_args, family_of_config
-from parallm.utils.fs import atomic_dir, read_json
+from parallm.utils.fs import atomic_dir, model_dir, read_json
+from parallm.utils.progress import load_progress
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _model_dir(path: str | os.PathLike) -> Path:
-    d = Path(path)
-    if not d.is_dir():
-        raise UserError(f"model directory {str(d)!r} does not exist or is not a directory")
-    if not os.access(d, os.R_OK | os.X_OK):
-        raise UserError(f"model directory {str(d)!r} is not readable")
-    return d
-
-
 def read_args(path: str | os.PathLike) -> Any:
     """The model arguments of a model directory's `config.json` (its family's args type)."""
-    cfg_path = _model_dir(path) / "config.json"
+    cfg_path = model_dir(path) / "config.json"
     cfg = read_json(cfg_path)
     return family_of_config(cfg, str(cfg_path)).hf.args_from_hf(cfg, str(cfg_path))
 
@@ -134,15 +126,18 @@ def _read_state_dict(
         if spec.hf.parallm_key(key) is not None:
             by_file.setdefault(f, []).append(key)
     state: dict[str, torch.Tensor] = {}
-    for f, keys in by_file.items():
-        with _open(f, device) as handle:
-            for key in keys:
-                if key not in expected:
-                    if key in tied_keys:  # a tied checkpoint that also stored the head
-                        continue
-                    raise UserError(f"{f.name}: unexpected tensor {key!r} for this config.json")
-                tensor = _get_tensor(handle, f, key, expected[key])
-                state[spec.hf.parallm_key(key)] = tensor.to(dtype)
+    total = sum(map(len, by_file.values()))
+    with load_progress(f"loading {d.name}", total, "tensors") as progress:
+        for f, keys in by_file.items():
+            with _open(f, device) as handle:
+                for key in keys:
+                    progress.update(1)
+                    if key not in expected:
+                        if key in tied_keys:  # a tied checkpoint that also stored the head
+                            continue
+                        raise UserError(f"{f.name}: unexpected tensor {key!r} for this config.json")
+                    tensor = _get_tensor(handle, f, key, expected[key])
+                    state[spec.hf.parallm_key(key)] = tensor.to(dtype)
     return state
 
 
@@ -154,17 +149,19 @@ def load_weights_into(
 ) -> None:
     """Fill the materialised `model` (a whole model, a pipeline stage, or a sharded one) from a
     HF directory one tensor at a time: `fill(param, full_float32_value)` keeps what it needs."""
-    d = _model_dir(path)
+    d = model_dir(path)
     files = _weight_files(d)
     spec = family_of_args(model.args)
     expected = _expected_shapes(spec, model.args)
     _check_complete(d, expected, files)
-    for name, param in model.named_parameters():
-        if is_lora_param(name):  # adapters are not part of the base checkpoint
-            continue
-        key = spec.hf.hf_key(value_source(model, name))
-        with _open(files[key], "cpu") as handle:
-            fill(param, _get_tensor(handle, files[key], key, expected[key]).float())
+    # Adapters are not part of the base checkpoint.
+    params = [(n, p) for n, p in model.named_parameters() if not is_lora_param(n)]
+    with load_progress(f"loading {d.name}", len(params), "tensors") as progress:
+        for name, param in params:
+            key = spec.hf.hf_key(value_source(model, name))
+            with _open(files[key], "cpu") as handle:
+                fill(param, _get_tensor(handle, files[key], key, expected[key]).float())
+            progress.update(1)
 
 
 def load_pretrained(
@@ -178,7 +175,7 @@ def load_pretrained(
     dtype defaults to the checkpoint's `torch_dtype` (float32 when absent); device to CPU.
     `model(input_ids)` returns logits (B, T, vocab).
     """
-    d = _model_dir(path)
+    d = model_dir(path)
     spec, args = read_family(d)
     dtype = resolve_dtype(dtype if dtype is not None else checkpoint_dtype(d))
     device = str(device) if device is not None else "cpu"
@@ -192,7 +189,7 @@ def load_pretrained(
 
 def checkpoint_dtype(path: str | os.PathLike) -> str | None:
     """The `torch_dtype` (or `dtype`) a model directory's `config.json` names, if any."""
-    cfg = read_json(_model_dir(path) / "config.json")
+    cfg = read_json(model_dir(path) / "config.json")
     return cfg.get("torch_dtype", cfg.get("dtype"))
 
 

@@ -26,6 +26,7 @@ import torch
 
 from parallm.errors import UserError
 from parallm.tokenizer import Tokenizer
+from parallm.utils.progress import load_progress
 
 STDLIB = "{stdlib}"
 
@@ -118,9 +119,20 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
             yield value
 
 
-def iter_texts(files: list[Path], text_field: str) -> Iterator[str]:
-    for f in files:
-        yield from read_documents(f, text_field)
+def iter_texts(files: list[Path], text_field: str, desc: str = "reading") -> Iterator[str]:
+    """Every document's text, file by file; a long read shows its progress (bytes of files)."""
+    sizes = [_size(f) for f in files]
+    with load_progress(f"{desc} {len(files)} files", sum(sizes), "B") as progress:
+        for f, size in zip(files, sizes, strict=True):
+            yield from read_documents(f, text_field)
+            progress.update(size)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # reading it names the problem
+        return 0
 
 
 def tokenize_files(
@@ -151,7 +163,7 @@ def tokenize_files(
             chunks.append(np.asarray(ids + ([eos] if eos is not None else []), dtype=np.int32))
         batch.clear()
 
-    for text in iter_texts(files, text_field):
+    for text in iter_texts(files, text_field, desc="tokenizing"):
         if text:
             batch.append(text)
         if len(batch) >= 256:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -12,6 +13,7 @@ import torch
 
 from parallm.models.registry import family_of_args
 from parallm.utils.fs import write_lines_atomic
+from parallm.utils.progress import format_seconds, on_terminal
 
 # Dense bf16 peak FLOP/s by device-name substring; MFU is reported only for a known device.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -52,32 +54,81 @@ class MetricsLog:
 
 
 class Progress:
-    """A tqdm bar on a terminal; otherwise a log line every `every` steps on stdout."""
+    """Training progress on rank 0 (`enabled`): a tqdm bar on a terminal (step/total, ETA, and
+    loss, lr, tokens/s), otherwise one line per `every` steps on `stream` (stdout) with step/total,
+    loss (and its mean since the last line), lr, tokens/s, elapsed time and ETA. Off a terminal a
+    line is also printed whenever `quiet_s` seconds passed since the last, so a slow job is never
+    silent, and for the last step and every evaluation. `clock` is for tests."""
 
-    def __init__(self, total: int, initial: int, every: int, enabled: bool = True) -> None:
-        self.every, self.enabled = every, enabled
+    def __init__(
+        self,
+        total: int,
+        initial: int,
+        every: int,
+        enabled: bool = True,
+        *,
+        stream: TextIO | None = None,
+        terminal: bool | None = None,
+        quiet_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.total, self.initial, self.every, self.enabled = total, initial, every, enabled
+        self.stream = sys.stdout if stream is None else stream
+        self.quiet_s, self.clock = quiet_s, clock
+        self.start = self.last_line = clock()
         self.recent: list[float] = []  # losses since the last printed line
         self.bar = None
-        if enabled and sys.stderr.isatty() and os.environ.get("TERM") != "dumb":
+        if terminal is None:
+            terminal = on_terminal(sys.stderr if stream is None else stream)
+        if enabled and terminal:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr if stream is None else stream,
+            )
 
     def update(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        step = record["step"]
         self.recent.append(record["loss"])
-        text = f"loss {record['loss']:.4f} lr {record['lr']:.2e} tok/s {record['tokens_per_s']:.0f}"
+        parts = [f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}"]
+        parts.append(f"{record['tokens_per_s']:.0f} tok/s")
         if "eval_loss" in record:
-            text += f" eval loss {record['eval_loss']:.4f}"
+            parts.append(f"eval loss {record['eval_loss']:.4f}")
+        text = " | ".join(parts)
         if self.bar is not None:
-            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.set_postfix_str(text.replace(" | ", ", "), refresh=False)
             self.bar.update(1)
-        elif record["step"] % self.every == 0 or record["step"] == 1 or "eval_loss" in record:
-            # One step's loss is noisy; the mean since the last line shows the trend.
-            mean = sum(self.recent) / len(self.recent)
-            print(f"step {record['step']:>6} | {text} | mean loss {mean:.4f}", flush=True)
-            self.recent.clear()
+            return
+        now = self.clock()
+        due = (
+            step % self.every == 0
+            or step == self.initial + 1  # the first of this run: it has started
+            or step == self.total
+            or "eval_loss" in record
+            or now - self.last_line >= self.quiet_s
+        )
+        if not due:
+            return
+        elapsed = now - self.start
+        done = step - self.initial
+        eta = elapsed / done * (self.total - step) if done > 0 else 0.0
+        # One step's loss is noisy; the mean since the last line shows the trend.
+        mean = sum(self.recent) / len(self.recent)
+        width = len(str(self.total))
+        print(
+            f"step {step:>{width}}/{self.total} | {text} | mean loss {mean:.4f} | "
+            f"{format_seconds(elapsed)} elapsed, ETA {format_seconds(eta)}",
+            file=self.stream,
+            flush=True,
+        )
+        self.recent.clear()
+        self.last_line = now
 
     def close(self) -> None:
         if self.bar is not None:

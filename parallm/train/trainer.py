@@ -320,7 +320,7 @@ class Trainer:
         if cfg.tokenizer.train_vocab_size is not None:
             # Rank 0 trains (or reuses) it; the others wait and read the same files.
             if self.rank == 0 and not (saved / "tokenizer.json").exists():
-                texts = iter_texts(files, cfg.data.text_field)
+                texts = iter_texts(files, cfg.data.text_field, desc="training the tokenizer on")
                 tok = train_bpe_tokenizer(texts, cfg.tokenizer.train_vocab_size)
                 # So that the model trained with it can chat (serve, generate --chat, SFT).
                 tok.config["chat_template"] = DEFAULT_CHAT_TEMPLATE
