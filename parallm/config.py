@@ -251,13 +251,18 @@ class ParallelConfig:
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
+    """When to save (`parallm/train/checkpoint.py`). A stop by SIGTERM or SIGINT also saves."""
+
     every: int = 0  # save every N optimizer steps (0: only at the end)
-    keep: int = 2  # keep the newest N checkpoints (0: keep all)
+    # Keep the newest N checkpoints (0: keep all). Formerly `keep`: a job file still naming it
+    # gets the unknown-key error, which lists keep_last (one name per setting, no alias).
+    keep_last: int = 2
+    async_save: bool = False  # write from a thread while training goes on (DCP async_save)
     export_hf: bool = True  # write <output.dir>/hf at the end
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "checkpoint.every", self.every, "must be >= 0 (0: at the end)")
-        _check(self.keep >= 0, "checkpoint.keep", self.keep, "must be >= 0 (0: keep all)")
+        _check(self.keep_last >= 0, "checkpoint.keep_last", self.keep_last, "must be >= 0 (0: all)")
 
 
 @dataclass(kw_only=True)

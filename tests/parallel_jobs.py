@@ -107,7 +107,7 @@ def train_worker(
     out: Path,
     extra: tuple,
     until_step: int | None = None,
-    resume: bool = False,
+    resume: str = "auto",
 ):
     """Train the job on this rank; rank 0 returns its per-step records."""
     from parallm.train.trainer import Trainer

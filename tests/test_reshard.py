@@ -47,14 +47,13 @@ def test_tp2_pp2_checkpoint_resumes_on_dp_shard4(saved, tmp_path):
     root, data, tok, full = saved
     out = _resume_copy(root, "on_dp4")
     extra = ("--parallel.dp_shard=4", "--checkpoint.every=3")
-    records = run_distributed(
-        train_worker, 4, tmp_path / "rdzv", data, tok, out, extra, None, True, timeout_s=240
-    )[0]
+    args = (data, tok, out, extra, None, "always")  # until_step, resume
+    records = run_distributed(train_worker, 4, tmp_path / "rdzv", *args, timeout_s=scaled(240))[0]
     _check(records, full, out, root)
 
 
 def test_tp2_pp2_checkpoint_resumes_on_one_process(saved):
     root, data, tok, full = saved
     out = _resume_copy(root, "on_one")
-    records = Trainer(job(data, tok, out, "--checkpoint.every=3"), resume=True).fit()
+    records = Trainer(job(data, tok, out, "--checkpoint.every=3"), resume="always").fit()
     _check(records, full, out, root)

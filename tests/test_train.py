@@ -58,7 +58,7 @@ def test_resume_equals_uninterrupted_run(corpus, tmp_path):
     first = Trainer(job(corpus, tmp_path / "cut", "--checkpoint.every=3"))
     first.fit(until_step=3)
     assert ckpt.latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "step_00000003"
-    resumed = Trainer(job(corpus, tmp_path / "cut", "--checkpoint.every=3"), resume=True)
+    resumed = Trainer(job(corpus, tmp_path / "cut", "--checkpoint.every=3"), resume="always")
     assert resumed.step == 3
     rest = resumed.fit()
     assert [r["loss"] for r in rest] == [r["loss"] for r in full[3:]]

@@ -576,7 +576,7 @@ def pretrain_main(args: argparse.Namespace) -> int:
 
     cfg = load_config(JobConfig, None, bench_overrides(args))
     local_rank = init_distributed(cfg.parallel.timeout_s)
-    trainer = Trainer(cfg, local_rank=local_rank)
+    trainer = Trainer(cfg, resume="never", local_rank=local_rank)  # a measurement starts afresh
     records = trainer.fit()
     if trainer.rank == 0:
         result = report(records, args, trainer.world)

@@ -137,7 +137,7 @@ def run_parallm_sft(run: SftRun) -> dict[str, Any]:
 
     device = torch.device(run.device)
     base = memory_mib(device)  # after the imports, before the model
-    trainer = Trainer(load_config(JobConfig, None, run.overrides()))
+    trainer = Trainer(load_config(JobConfig, None, run.overrides()), resume="never")
     counts = label_counts(trainer.task, trainer.data.dataset, run)
     result = timed_steps(lambda: trainer.train_step()["loss"], counts, run)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from parallm.train.data import PackedDataLoader, PackedDataset, RowDataset, find
 from parallm.train.layout import RankModel, build_rank_model
 from parallm.train.metrics import MetricsLog, Progress, device_peak_flops, flops_per_token
 from parallm.train.optim import Optimizers, lr_at
+from parallm.train.signals import StopSignals
 from parallm.train.step import Reference, StepRunner
 from parallm.train.tasks import make_task
 from parallm.utils.fs import write_json_atomic, write_text_atomic
@@ -96,7 +98,7 @@ def state_bytes(model: RankModel) -> dict[str, int]:
 class Trainer:
     """Trains one job. `fit()` runs to `train.steps`, checkpointing and exporting as configured."""
 
-    def __init__(self, cfg: JobConfig, *, resume: bool = False, local_rank: int = 0) -> None:
+    def __init__(self, cfg: JobConfig, *, resume: str = "auto", local_rank: int = 0) -> None:
         self.cfg = cfg
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -106,6 +108,14 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         self.device = pick_device(cfg.train.device, local_rank)
         seed_everything(cfg.train.seed)
+        # Which checkpoint (if any) to resume from is settled before anything is built.
+        self.resume_from = self._resume_choice(resume)
+        self.checkpointer = ckpt.Checkpointer(
+            self.ckpt_root,
+            keep_last=cfg.checkpoint.keep_last,
+            async_save=cfg.checkpoint.async_save,
+        )
+        self.stopped_by: str | None = None  # the signal that stopped `fit` early, if one did
 
         d, t = cfg.data, cfg.train
         if d.random_tokens:
@@ -171,8 +181,8 @@ class Trainer:
         )
         self._log_start(files, dataset)
         self.step = 0
-        if resume:
-            self._resume()
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
         if self.rank == 0:
             write_text_atomic(self.out / "config.toml", config_to_toml(cfg))
         self.flops_per_token = flops_per_token(args, d.seq_len)
@@ -392,10 +402,43 @@ class Trainer:
             },
         }
 
-    def _resume(self) -> None:
-        path = ckpt.latest_checkpoint(self.ckpt_root)
-        if path is None:
-            raise UserError(f"--resume: no checkpoint found in {self.ckpt_root}")
+    def _resume_choice(self, mode: str) -> Path | None:
+        """Clear what an interrupted save left; under `never` every checkpoint too; otherwise
+        the newest checkpoint that verifies (the same on every rank), falling back past
+        corrupt ones with a warning."""
+        root = self.ckpt_root
+        if self.rank == 0:
+            for p in ckpt.remove_stale(root):
+                self.log(f"removed {p}: a save that was interrupted")
+            if mode == "never":
+                removed = ckpt.remove_all(root)
+                if removed:
+                    self.log(f"--resume never: removed {len(removed)} checkpoints in {root}")
+        if mode == "never":
+            return None
+        choice = ckpt.choose_checkpoint(root)
+        newer = choice.path.name if choice.path is not None else None
+        for path, problem, aside in choice.corrupt:
+            self.warn(
+                f"checkpoint {path.name} is corrupt ({problem}; renamed {aside.name}); "
+                f"resuming from {newer}"
+            )
+        if choice.path is None:
+            if mode == "always":
+                raise UserError(f"--resume always: no checkpoint found in {root}")
+            self.log(f"no checkpoint in {root}: starting at step 0")
+        elif not choice.verified:
+            self.warn(
+                f"checkpoint {choice.path.name} has no manifest (an older parallm wrote "
+                "it): loading it unverified"
+            )
+        return choice.path
+
+    def warn(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    def _resume(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path, self.model.parts, self.optimizer)
         self.data.load_state_dict(state["data"])
         self.step = state["step"]
@@ -445,31 +488,46 @@ class Trainer:
         return record
 
     def fit(self, *, until_step: int | None = None) -> list[dict[str, Any]]:
-        """Train to `train.steps` (or stop early after `until_step`); returns the step records."""
+        """Train to `train.steps` (or stop early after `until_step`); returns the step records.
+        SIGTERM or SIGINT ends it after the step under way, every rank after the same step,
+        with a checkpoint (`stopped_by` names the signal)."""
         cfg = self.cfg
         end = min(cfg.train.steps, until_step) if until_step is not None else cfg.train.steps
         log = MetricsLog(self.out, resume_step=self.step) if self.rank == 0 else None
         progress = Progress(cfg.train.steps, self.step, cfg.train.log_every, self.rank == 0)
         records = []
         try:
-            while self.step < end:
-                record = self.train_step()
-                eval_every, last = cfg.train.eval_every, self.step == cfg.train.steps
-                if self.held_out is not None and (
-                    last or (eval_every and self.step % eval_every == 0)
-                ):
-                    record["eval_loss"] = self.evaluate()
-                records.append(record)
-                if log is not None:
-                    log.write(record)
-                progress.update(record)
-                every = cfg.checkpoint.every
-                if (every > 0 and self.step % every == 0) or self.step == cfg.train.steps:
-                    self.save_checkpoint()
+            with StopSignals() as signals:
+                while self.step < end:
+                    record = self.train_step()
+                    eval_every, last = cfg.train.eval_every, self.step == cfg.train.steps
+                    if self.held_out is not None and (
+                        last or (eval_every and self.step % eval_every == 0)
+                    ):
+                        record["eval_loss"] = self.evaluate()
+                    records.append(record)
+                    if log is not None:
+                        log.write(record)
+                    progress.update(record)
+                    every = cfg.checkpoint.every
+                    saved = None
+                    if (every > 0 and self.step % every == 0) or self.step == cfg.train.steps:
+                        saved = self.save_checkpoint()
+                    self.stopped_by = signals.agreed(self.device)
+                    if self.stopped_by is not None:
+                        saved = saved or self.save_checkpoint()
+                        break
+            self.checkpointer.wait()  # the last async save is complete before anything reads it
         finally:
             progress.close()
             if log is not None:
                 log.close()
+        if self.stopped_by is not None and self.step < cfg.train.steps:
+            self.log(
+                f"stopped by {self.stopped_by} at step {self.step}; checkpoint saved to {saved}; "
+                "run the same command to resume"
+            )
+            return records
         if self.step == cfg.train.steps and cfg.checkpoint.export_hf:
             if self.lora is not None:
                 self.export_adapter(self.out / "adapter")
@@ -478,13 +536,9 @@ class Trainer:
         return records
 
     def save_checkpoint(self) -> Path:
-        return ckpt.save_checkpoint(
-            self.ckpt_root,
-            self.step,
-            self.model.parts,
-            self.optimizer,
-            self.trainer_state(),
-            keep=self.cfg.checkpoint.keep,
+        """Save this step (in the background with `checkpoint.async_save`; `fit` waits)."""
+        return self.checkpointer.save(
+            self.step, self.model.parts, self.optimizer, self.trainer_state()
         )
 
     def full_state_dict(self, *, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
