@@ -24,42 +24,43 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
-    if args.nproc < 1:
-        raise UserError(f"--nproc: {args.nproc} is not valid; must be >= 1")
+    """Check everything that needs no rank (one line, exit 2, nothing started), then train in
+    this process, or start the ranks under torchrun's elastic agent (`distributed/launch.py`)."""
     from parallm.config import JobConfig, load_config
+    from parallm.distributed.launch import LaunchOptions
 
+    opts = LaunchOptions(
+        nproc=args.nproc,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        rdzv_endpoint=args.rdzv_endpoint,
+        rdzv_id=args.rdzv_id,
+        max_restarts=args.max_restarts,
+        standalone=args.standalone,
+    )
     cfg = load_config(JobConfig, args.job, overrides)
-    _check_lora(cfg)
-    if args.nproc == 1:
-        from parallm.train.__main__ import run  # torch: only once the job file is valid
+    from parallm.train.preflight import preflight  # torch: only once the job file is valid
+
+    preflight(cfg, opts.world_size, resume=args.resume)
+    if not opts.needs_agent:
+        from parallm.train.__main__ import run
 
         return run(args.job, overrides, resume=args.resume)
-    import subprocess
+    from pathlib import Path
 
-    from parallm.distributed.launch import torchrun_argv
-    from parallm.distributed.parallel_dims import ParallelDims
+    from parallm.distributed.launch import launch
+    from parallm.train.checkpoint import remove_all, remove_stale
 
-    # Catch what needs no model or data before starting N processes: one line, not N.
-    dims = ParallelDims.from_config(cfg.parallel, args.nproc)
-    from parallm.train.tasks import make_task
-
-    make_task(cfg.task).check_layout(dims)  # e.g. DPO refuses pipeline / context parallel
-    argv = [args.job, *(["--resume"] if args.resume else []), *overrides]
-    # torchrun stops every rank when one fails; the failing rank has printed its own error.
-    return subprocess.run(torchrun_argv(args.nproc, "parallm.train", argv)).returncode
-
-
-def _check_lora(cfg) -> None:
-    """`[lora]` against the model (built on `meta`) and the adapter it starts from, before any
-    data is read or process started. The vocabulary is the tokenizer's, read later; which
-    layers an adapter targets does not depend on it."""
-    if not cfg.lora.enabled:
-        return
-    from parallm.models.peft_format import start_adapter
-    from parallm.train.trainer import model_args_from_config
-
-    args = model_args_from_config(cfg, cfg.model.vocab_size or 1)
-    start_adapter(cfg.lora.spec(), args, cfg.lora.init_from)
+    root = Path(cfg.output.dir) / "checkpoints"
+    remove_stale(root)  # nothing saves before launch (rank 0 also does it at start)
+    resume = args.resume
+    if resume == "never":  # now, once: ranks restarted by the agent resume this job's own
+        removed = remove_all(root)
+        if removed:
+            print(f"parallm: --resume never: removed {len(removed)} checkpoints in {root}")
+        resume = "auto"
+    print(f"parallm: starting {opts.describe()}", flush=True)
+    return launch("parallm.train", [args.job, f"--resume={resume}", *overrides], opts)
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -150,11 +151,12 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
     parsed = bench_train.parser().parse_args(rest)
     if parsed.nproc <= 1 or parsed.task == "sft":  # sft starts its own processes
         return bench_train.main(rest)
-    import subprocess
+    from parallm.distributed.launch import LaunchOptions, launch
 
-    from parallm.distributed.launch import torchrun_argv
-
-    return subprocess.run(torchrun_argv(parsed.nproc, "parallm.bench.train", rest)).returncode
+    opts = LaunchOptions(nproc=parsed.nproc)
+    bench_train.preflight_job(parsed, opts.world_size)  # one line, exit 2, before any rank
+    print(f"parallm: starting {opts.describe()}", flush=True)
+    return launch("parallm.bench.train", rest, opts)
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -212,10 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train from a TOML job file; override any field as --section.key value.",
     )
     train.add_argument("job", help="job file (TOML), e.g. configs/demo.toml")
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    train.add_argument(
-        "--nproc", type=int, default=1, help="processes on this node (starts torchrun when > 1)"
-    )
+    _add_launch_options(train)
 
     gen = sub.add_parser("generate", help="generate text from a Hugging Face model directory")
     gen.add_argument("--model", required=True, help="model directory (HF format)")

@@ -136,7 +136,9 @@ class TrainConfig:
 
     steps: int = 100
     batch_size: int = 8  # sequences per optimizer step (the global batch)
-    micro_batch_size: int = 8  # sequences per forward/backward; the rest is accumulation
+    # Sequences per forward/backward (the rest is accumulation); "auto": the layout's whole
+    # per-data-parallel-rank share, reduced until the pipeline's micro-batches divide it
+    micro_batch_size: int | str = "auto"
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
     warmup_steps: int = 10
@@ -155,11 +157,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", self.steps, "must be >= 1")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
+        micro = self.micro_batch_size
         _check(
-            1 <= self.micro_batch_size and self.batch_size % self.micro_batch_size == 0,
+            micro == "auto"
+            or (isinstance(micro, int) and 1 <= micro and self.batch_size % micro == 0),
             "train.micro_batch_size",
-            self.micro_batch_size,
-            f"must divide train.batch_size={self.batch_size}",
+            micro,
+            f'must divide train.batch_size={self.batch_size}, or be "auto" (the layout\'s share)',
         )
         _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
         _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
@@ -441,7 +445,13 @@ def _coerce(tp: Any, value: Any, name: str, from_cli: bool) -> Any:
         options = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (from_cli and str(value).lower() in ("none", "null")):
             return None
-        return _coerce(options[0], value, name, from_cli)
+        errors = []
+        for option in options:  # the first type the value fits (`int | str`: 16, then "auto")
+            try:
+                return _coerce(option, value, name, from_cli)
+            except UserError as e:
+                errors.append(e)
+        raise errors[0]
     if origin is list:
         (item,) = typing.get_args(tp)
         if from_cli and isinstance(value, str):

@@ -432,6 +432,7 @@ def test_parallm_train_refuses_them_before_launch(model_dir, tmp_path, monkeypat
         raise AssertionError("a training process was started")
 
     monkeypatch.setattr(subprocess, "run", launched)
+    monkeypatch.setattr("parallm.distributed.launch.launch", launched)
     data = write_jsonl(tmp_path / "prefs.jsonl", [chat_pair(i) for i in range(4)])
     job_file = tmp_path / "dpo.toml"
     job_file.write_text(f'[task]\nname = "dpo"\n[model]\npath = "{model_dir}"\n')

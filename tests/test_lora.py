@@ -389,6 +389,7 @@ def no_launch(monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", launched)
     monkeypatch.setattr(train_main, "run", launched)
+    monkeypatch.setattr("parallm.distributed.launch.launch", launched)
 
 
 @pytest.mark.parametrize("nproc", [1, 2])

@@ -72,7 +72,7 @@ def bench_overrides(args: argparse.Namespace) -> list[str]:
         f"--data.random_tokens={max(batch_tokens * steps + 1, 2 * args.seq_len + 1)}",
         f"--train.steps={steps}",
         f"--train.batch_size={args.batch}",
-        f"--train.micro_batch_size={args.micro_batch or args.batch}",
+        f"--train.micro_batch_size={args.micro_batch or 'auto'}",
         "--train.warmup_steps=0",
         f"--train.log_every={max(steps // 10, 1)}",
         "--checkpoint.every=0",
@@ -522,7 +522,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", default="tiny", help=f"one of: {', '.join(SHAPES)}")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch", type=int, default=8, help="global batch (sequences per step)")
-    p.add_argument("--micro-batch", type=int, default=0, help="per forward (0: the whole batch)")
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=0,
+        help="per forward (0: each data-parallel rank's share)",
+    )
     p.add_argument("--steps", type=int, default=10, help="measured steps")
     p.add_argument("--warmup", type=int, default=3, help="steps before measuring")
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun when > 1)")
@@ -551,8 +556,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def preflight_job(args: argparse.Namespace, world_size: int):
+    """The pretraining job's checks that need no rank (`train.preflight`): one line, exit 2,
+    before any rank starts or waits on another."""
+    from parallm.config import JobConfig, load_config
+    from parallm.errors import UserError
+    from parallm.train.preflight import preflight
+
+    if args.micro_batch < 0:
+        raise UserError(f"--micro-batch: {args.micro_batch} is not valid; >= 1, or 0 (auto)")
+    cfg = load_config(JobConfig, None, bench_overrides(args))
+    preflight(cfg, world_size, resume="never")
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark on this process (pretrain under torchrun: on every rank)."""
+    """Run the benchmark on this process (pretrain under an agent: on every rank)."""
     args = parser().parse_args(argv)
     if args.task == "sft":
         from parallm.bench import parse_len_range
@@ -569,12 +588,11 @@ def main(argv: list[str] | None = None) -> int:
 def pretrain_main(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from parallm.config import JobConfig, load_config
-    from parallm.distributed.launch import init_distributed
+    from parallm.distributed.launch import init_distributed, launched_world_size
     from parallm.train.trainer import Trainer
     from parallm.utils.fs import write_json_atomic
 
-    cfg = load_config(JobConfig, None, bench_overrides(args))
+    cfg = preflight_job(args, launched_world_size())
     local_rank = init_distributed(cfg.parallel.timeout_s)
     trainer = Trainer(cfg, resume="never", local_rank=local_rank)  # a measurement starts afresh
     records = trainer.fit()
@@ -588,5 +606,7 @@ def pretrain_main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # a rank started by `parallm bench train --nproc N`
+    from parallm.distributed.launch import rank_main
+
+    sys.exit(rank_main(main))

@@ -82,15 +82,18 @@ class ParallelDims:
         axis has more than one rank."""
         return self.dp_replicate * self.dp_shard * self.cp > 1
 
-    def validate_model(self, args, *, seq_len: int, cp_mode: str, n_stages: int) -> None:
+    def validate_model(
+        self, args, *, seq_len: int, cp_mode: str, n_stages: int, skip: tuple[str, ...] = ()
+    ) -> None:
         """Check the layout against the model (its family's plan and facts) and the sequence
-        before any communication."""
+        before any communication; sizes named in `skip` are not known yet (the vocabulary
+        before the tokenizer is read)."""
         spec = family_of_args(args)
         facts = spec.facts(args)
         n_heads, n_kv_heads, n_layers = facts.n_heads, facts.n_kv_heads, facts.n_layers
         if self.tp > 1:
             for name, value in spec.plan.tp_divides(args).items():
-                if value % self.tp:
+                if name not in skip and value % self.tp:
                     raise UserError(
                         f"parallel.tp: {self.tp} must divide the model's {name}={value}"
                     )

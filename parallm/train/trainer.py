@@ -21,12 +21,11 @@ import torch
 import torch.distributed as dist
 
 from parallm.config import JobConfig, config_to_toml
-from parallm.distributed.parallel_dims import ParallelDims
 from parallm.errors import UserError
 from parallm.generate import generate
 from parallm.inference.sampling import SamplingParams
 from parallm.models.build import canonical_name
-from parallm.models.hf import load_pretrained, read_args, save_state_dict
+from parallm.models.hf import load_pretrained, save_state_dict
 from parallm.models.peft_format import (
     Adapter,
     merge_adapter,
@@ -34,7 +33,7 @@ from parallm.models.peft_format import (
     save_adapter,
     start_adapter,
 )
-from parallm.models.registry import family, family_of_args
+from parallm.models.registry import family_of_args
 from parallm.tokenizer import (
     DEFAULT_CHAT_TEMPLATE,
     Tokenizer,
@@ -42,10 +41,11 @@ from parallm.tokenizer import (
     train_bpe_tokenizer,
 )
 from parallm.train import checkpoint as ckpt
-from parallm.train.data import PackedDataLoader, PackedDataset, RowDataset, find_files, iter_texts
+from parallm.train.data import PackedDataLoader, PackedDataset, RowDataset, iter_texts
 from parallm.train.layout import RankModel, build_rank_model
 from parallm.train.metrics import MetricsLog, Progress, device_peak_flops, flops_per_token
 from parallm.train.optim import Optimizers, lr_at
+from parallm.train.preflight import check_model, model_args_from_config, preflight
 from parallm.train.signals import StopSignals
 from parallm.train.step import Reference, StepRunner
 from parallm.train.tasks import make_task
@@ -74,15 +74,6 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def model_args_from_config(cfg: JobConfig, vocab_size: int):
-    """A fresh model's args from `[model]` (its `architecture` names the family's model type),
-    or the args of the directory in `model.path`."""
-    m = cfg.model
-    if m.path is not None:
-        return read_args(m.path)
-    return family(m.architecture).args_from_config(m, vocab_size)
-
-
 def state_bytes(model: RankModel) -> dict[str, int]:
     """This rank's bytes of parameters, gradients and AdamW state (exp_avg, exp_avg_sq, step)."""
     params = {id(p): p for p in model.parameters()}.values()
@@ -103,7 +94,10 @@ class Trainer:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         p = cfg.parallel
-        self.dims = ParallelDims.from_config(p, self.world)
+        # Every check that needs no rank and no tokenizer, as before launch (one piece of code).
+        self.preflight = preflight(cfg, self.world, resume=resume)
+        self.dims = self.preflight.dims
+        self.micro_batch_size = self.preflight.micro_batch_size
         self.out = Path(cfg.output.dir)
         self.ckpt_root = self.out / "checkpoints"
         self.device = pick_device(cfg.train.device, local_rank)
@@ -118,13 +112,11 @@ class Trainer:
         self.stopped_by: str | None = None  # the signal that stopped `fit` early, if one did
 
         d, t = cfg.data, cfg.train
+        files = self.preflight.files
         if d.random_tokens:
-            files, self.tokenizer = [], None
-            if cfg.model.vocab_size is None and cfg.model.path is None:
-                raise UserError("data.random_tokens: set model.vocab_size (there is no tokenizer)")
+            self.tokenizer = None
             args = model_args_from_config(cfg, cfg.model.vocab_size or 0)
         else:
-            files = find_files(d.paths, d.extensions, exclude=d.exclude, max_files=d.max_files)
             self.tokenizer = self._build_tokenizer(files)
             args = model_args_from_config(cfg, self.tokenizer.vocab_size)
             if not cfg.model.path:
@@ -199,24 +191,16 @@ class Trainer:
         return dtype == "bfloat16" or (dtype == "auto" and self.device.type == "cuda")
 
     def _validate(self, args) -> None:
-        """Every check that needs no communication, so a bad layout fails on every rank alike."""
-        cfg, p = self.cfg, self.cfg.parallel
+        """The checks that need the tokenizer: the model's final arguments (its vocabulary)
+        against the layout, by the code `preflight` ran before launch, and the tokenizer against
+        the model and the task. No communication, so a bad job fails on every rank alike."""
+        cfg = self.cfg
         facts = family_of_args(args).facts(args)
-        self.task.check_layout(self.dims)
-        if cfg.data.random_tokens and not self.task.random_tokens:
-            raise UserError(
-                f"data.random_tokens: task.name={cfg.task.name!r} trains on its data files "
-                "(data.paths), not on random token ids; set data.random_tokens = 0"
-            )
+        check_model(cfg, self.dims, args)
         if self.tokenizer is not None and facts.vocab_size < self.tokenizer.vocab_size:
             raise UserError(
                 f"model.vocab_size: {facts.vocab_size} is smaller than the tokenizer's "
                 f"vocabulary of {self.tokenizer.vocab_size}"
-            )
-        if cfg.data.seq_len > facts.max_seq_len:
-            raise UserError(
-                f"data.seq_len: {cfg.data.seq_len} exceeds the model's context of "
-                f"{facts.max_seq_len} tokens (model.max_seq_len)"
             )
         if cfg.task.attention == "document" and (
             self.tokenizer is None or self.tokenizer.eos_token_id is None
@@ -225,40 +209,6 @@ class Trainer:
                 "task.attention: 'document' needs a tokenizer with an EOS token to find where "
                 "documents end"
             )
-        from parallm.distributed.pipeline import stages_per_rank
-
-        n_stages = self.dims.pp * stages_per_rank(p.pp_schedule, p.pp_virtual_stages)
-        self.dims.validate_model(
-            args,
-            seq_len=cfg.data.seq_len,
-            cp_mode=p.cp_mode,
-            n_stages=n_stages if self.dims.pp > 1 else 1,
-        )
-        if p.cpu_offload and (self.device.type != "cuda" or not self.dims.fsdp_enabled):
-            raise UserError(
-                "parallel.cpu_offload: true needs GPUs and FSDP (dp_shard, dp_replicate or cp > 1): "
-                f"it moves sharded GPU state to CPU memory; this run is on {self.device.type} "
-                f"with {'FSDP' if self.dims.fsdp_enabled else 'no FSDP'}"
-            )
-        t = cfg.train
-        if t.batch_size % self.dims.dp or (t.batch_size // self.dims.dp) % t.micro_batch_size:
-            raise UserError(
-                f"train.batch_size: {t.batch_size} must split into {self.dims.dp} data-parallel "
-                f"slices of whole micro-batches of train.micro_batch_size={t.micro_batch_size}"
-            )
-        if self.dims.pp > 1:
-            n_micro = p.pp_microbatches or n_stages
-            if n_micro < n_stages and p.pp_schedule in ("interleaved_1f1b", "dualpipev"):
-                raise UserError(
-                    f"parallel.pp_microbatches: {n_micro} is fewer than the {n_stages} pipeline "
-                    f"stages that pp_schedule={p.pp_schedule!r} needs"
-                )
-            if t.micro_batch_size % n_micro:
-                raise UserError(
-                    f"parallel.pp_microbatches: {n_micro} must divide "
-                    f"train.micro_batch_size={t.micro_batch_size} (each micro-batch is one "
-                    "pipeline step)"
-                )
 
     def _lora_start(self, args) -> Adapter | None:
         """Check `[lora]` against the model (on `meta`); the adapter to start from, if any."""
@@ -298,7 +248,7 @@ class Trainer:
         return PackedDataLoader(
             dataset,
             global_batch_size=t.batch_size,
-            micro_batch_size=t.micro_batch_size,
+            micro_batch_size=self.micro_batch_size,
             dp_rank=self.dims.coordinate("dp"),
             dp_degree=self.dims.dp,
         )
@@ -310,7 +260,7 @@ class Trainer:
         total = count = 0.0
         for _ in range(len(self.held_out) // self.cfg.train.batch_size):
             batch = self.task.batch(loader.next_rows())
-            mean, n = self.runner.evaluate(batch.split(self.cfg.train.micro_batch_size))
+            mean, n = self.runner.evaluate(batch.split(self.micro_batch_size))
             total, count = total + mean * n, count + n
         return total / max(count, 1.0)
 
@@ -357,9 +307,10 @@ class Trainer:
             f"({self.task.attention_kind or cfg.task.attention} attention)"
         )
         zero = f"; zero_stage={cfg.parallel.zero_stage}" if d.fsdp_enabled else ""
+        auto = " (auto)" if cfg.train.micro_batch_size == "auto" else ""
         self.log(
             f"layout: pp={d.pp} dp_replicate={d.dp_replicate} dp_shard={d.dp_shard} cp={d.cp} "
-            f"tp={d.tp}{zero}"
+            f"tp={d.tp}{zero}; micro_batch_size={self.micro_batch_size}{auto}"
         )
         ref = self.reference
         if ref is not None:
@@ -460,7 +411,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batch = self.task.batch(self.data.next_rows())
-        loss = self.runner.forward_backward(batch.split(t.micro_batch_size))
+        loss = self.runner.forward_backward(batch.split(self.micro_batch_size))
         metrics = self.runner.metrics
         grad_norm = self.runner.clip_grad_norm(t.grad_clip)
         self.optimizer.step()
