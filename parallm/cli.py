@@ -137,10 +137,11 @@ def _generate_lora(args: argparse.Namespace) -> dict:
 
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
     if args.what == "serve":
-        import_extra("matplotlib", command="bench serve", extra="serve")
-        import_extra("parallm.bench.serve", command="bench serve", extra="serve")
         from parallm.bench import serve as bench_serve
 
+        bench_serve.parse_config(rest)  # --help and option errors before the extra's imports
+        for module in ("httpx", "matplotlib"):
+            import_extra(module, command="bench serve", extra="serve")
         return bench_serve.main(rest)
     if args.what == "infer":
         from parallm.bench import infer

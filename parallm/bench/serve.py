@@ -28,15 +28,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import httpx
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from parallm.bench import parse_len_range
 from parallm.errors import UserError
 from parallm.serve.sse_client import error_message, parse_sse
 from parallm.utils.fs import save_figure_atomic, write_json_atomic
+
+if TYPE_CHECKING:  # imported where used: `parallm bench serve --help` answers at once
+    import httpx
+    import numpy as np
 
 LATENCIES = ("ttft", "tpot", "itl", "e2e")
 
@@ -116,6 +117,8 @@ def workload(
 def arrival_times(rate: float, n: int, rng: np.random.Generator) -> np.ndarray:
     """Send times (s from the start) of `n` Poisson arrivals at `rate` per second: the first at
     0, then exponential gaps of mean 1/rate; all at 0 for an infinite rate."""
+    import numpy as np
+
     if math.isinf(rate):
         return np.zeros(n)
     gaps = rng.exponential(1.0 / rate, n - 1)
@@ -156,6 +159,8 @@ def result_from_events(req: Request, events: list[tuple[float, dict | str]]) -> 
 
     A chunk whose choices carry text marks a token arrival; the usage chunk gives the counts;
     the stream must end with [DONE]. An error payload fails the request with its message."""
+    import numpy as np
+
     r = RequestResult(prompt_len=len(req.prompt), output_len=req.output_len)
     token_times: list[float] = []
     usage = None
@@ -192,6 +197,8 @@ async def send_request(
 ) -> RequestResult:
     """Stream one completion, for at most `timeout` seconds in all; a failure of any kind is
     recorded in the result, never raised."""
+    import httpx
+
     body = {
         "model": model,
         "prompt": req.prompt,
@@ -230,6 +237,8 @@ async def send_request(
 
 def summary_ms(values_s: list[float]) -> dict[str, float | None]:
     """Mean, median and p99 in milliseconds of values in seconds (None each when empty)."""
+    import numpy as np
+
     if not values_s:
         return {"mean": None, "median": None, "p99": None}
     ms = np.asarray(values_s, dtype=np.float64) * 1000.0
@@ -316,6 +325,9 @@ async def run_rate(
 
 async def run_all(cfg: ServeBenchConfig) -> tuple[str, list[dict[str, Any]]]:
     """Check the server with one request, then run every rate; returns (model, reports)."""
+    import httpx
+    import numpy as np
+
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     # One connection per request in flight: a smaller pool would be a hidden concurrency cap.
     limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=None)
@@ -342,6 +354,8 @@ async def run_all(cfg: ServeBenchConfig) -> tuple[str, list[dict[str, Any]]]:
 
 
 async def first_model(client: httpx.AsyncClient, url: str) -> str:
+    import httpx
+
     try:
         resp = await client.get("/v1/models")
     except httpx.HTTPError as e:

@@ -56,9 +56,10 @@ class MetricsLog:
 class Progress:
     """Training progress on rank 0 (`enabled`): a tqdm bar on a terminal (step/total, ETA, and
     loss, lr, tokens/s), otherwise one line per `every` steps on `stream` (stdout) with step/total,
-    loss (and its mean since the last line), lr, tokens/s, elapsed time and ETA. Off a terminal a
-    line is also printed whenever `quiet_s` seconds passed since the last, so a slow job is never
-    silent, and for the last step and every evaluation. `clock` is for tests."""
+    loss, lr, tokens/s, the mean loss since the last line (when it covers several steps), elapsed
+    time and ETA. Off a terminal a line also comes whenever `quiet_s` seconds passed since the
+    last, so a slow job is never silent, and for the last step and every evaluation. `clock` is
+    for tests."""
 
     def __init__(
         self,
@@ -118,11 +119,11 @@ class Progress:
         elapsed = now - self.start
         done = step - self.initial
         eta = elapsed / done * (self.total - step) if done > 0 else 0.0
-        # One step's loss is noisy; the mean since the last line shows the trend.
-        mean = sum(self.recent) / len(self.recent)
+        if len(self.recent) > 1:  # one step's loss is noisy; the mean since the last line is not
+            text += f" | mean loss {sum(self.recent) / len(self.recent):.4f}"
         width = len(str(self.total))
         print(
-            f"step {step:>{width}}/{self.total} | {text} | mean loss {mean:.4f} | "
+            f"step {step:>{width}}/{self.total} | {text} | "
             f"{format_seconds(elapsed)} elapsed, ETA {format_seconds(eta)}",
             file=self.stream,
             flush=True,
