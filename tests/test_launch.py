@@ -32,7 +32,7 @@ def test_nproc_trains_and_writes_metrics_on_rank0_only(tmp_path):
         [sys.executable, "-m", "parallm.cli", "train", "--nproc", "2", str(path)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=scaled(300),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("step 1/3 |") == 1  # one progress line per step: rank 0 only
@@ -75,7 +75,7 @@ def test_bad_layout_is_one_line_before_any_process_starts(tmp_path):
         [sys.executable, "-m", "parallm.cli", "train", "--nproc", "2", str(path)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=scaled(120),
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

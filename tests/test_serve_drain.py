@@ -58,7 +58,7 @@ class Server:
         while True:
             assert self.proc.poll() is None, f"server exited:\n{self.output()}"
             try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=scaled(5)).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

@@ -202,6 +202,6 @@ def test_parallm_ui_serves_the_page_for_a_server(server, page, tmp_path):
 def test_parallm_ui_names_an_unreachable_server():
     server = f"http://127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "parallm.cli", "ui", "--server", server]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=scaled(60))
     assert done.returncode == 2
     assert f"parallm: error: --server: cannot reach {server}" in done.stderr
