@@ -49,7 +49,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from pathlib import Path
 
     from parallm.distributed.launch import launch
-    from parallm.train.checkpoint import remove_all, remove_stale
+    from parallm.train.checkpoint_dirs import remove_all, remove_stale
 
     root = Path(cfg.output.dir) / "checkpoints"
     remove_stale(root)  # nothing saves before launch (rank 0 also does it at start)

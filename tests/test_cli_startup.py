@@ -50,6 +50,7 @@ def _run(*argvs: list[str]) -> dict[str, tuple[int, str, str, bool]]:
 
 @pytest.fixture
 def job(tmp_path: Path) -> str:
+    (tmp_path / "data.txt").write_text("some text to train on\n")
     path = tmp_path / "job.toml"
     path.write_text(
         f'[data]\npaths = ["{tmp_path}"]\n[train]\nsteps = 2\n[output]\ndir = "{tmp_path}/out"\n'
@@ -110,6 +111,10 @@ def test_errors_that_need_no_model_never_import_torch(job, tmp_path):
         "task.name: 'nope'": ["train", job, "--task.name", "nope"],
         "lora.r: -1": ["train", job, "--lora.r", "-1"],
         "--nproc: 0": ["train", "--nproc", "0", job],
+        # what the job asks of the machine: layout degrees, data paths, resume state
+        "tp=3 x pp=1 vs world size 2": ["train", "--nproc", "2", job, "--parallel.tp", "3"],
+        "data.paths: '/nope'": ["train", job, "--data.paths", '["/nope"]'],
+        "--resume: always, but there is no complete checkpoint": ["train", job, "--resume"],
         # options of the other commands
         "--port: -1": ["serve", "--model", str(tmp_path), "--port", "-1"],
         "--max-waiting: 0": ["serve", "--model", str(tmp_path), "--max-waiting", "0"],

@@ -12,7 +12,8 @@ import pytest
 
 from parallm.errors import UserError
 from parallm.tokenizer import train_bpe_tokenizer
-from parallm.train.data import PackedDataLoader, PackedDataset, find_files, iter_texts
+from parallm.train.data import PackedDataLoader, PackedDataset, iter_texts
+from parallm.utils.fs import find_files
 
 DOCS = [f"document {i}: " + "word " * (3 + i % 7) for i in range(40)]
 

@@ -607,6 +607,6 @@ def pretrain_main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # a rank started by `parallm bench train --nproc N`
-    from parallm.distributed.launch import rank_main
+    from parallm.distributed.launch import leave, rank_main
 
-    sys.exit(rank_main(main))
+    leave(rank_main(main))

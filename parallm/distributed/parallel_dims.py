@@ -13,12 +13,12 @@ Nothing else in parallm reads ranks or environment variables to learn the layout
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from typing import TYPE_CHECKING
 
 from parallm.errors import UserError
-from parallm.models.registry import family_of_args
+
+if TYPE_CHECKING:  # torch is imported where a mesh is built: degrees are checked without it
+    from torch.distributed.device_mesh import DeviceMesh
 
 AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -88,6 +88,8 @@ class ParallelDims:
         """Check the layout against the model (its family's plan and facts) and the sequence
         before any communication; sizes named in `skip` are not known yet (the vocabulary
         before the tokenizer is read)."""
+        from parallm.models.registry import family_of_args
+
         spec = family_of_args(args)
         facts = spec.facts(args)
         n_heads, n_kv_heads, n_layers = facts.n_heads, facts.n_kv_heads, facts.n_layers
@@ -125,6 +127,9 @@ class ParallelDims:
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
         """Create the world mesh (all ranks must call this together)."""
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
         assert dist.is_initialized(), "build_mesh needs an initialized process group"
         shape = tuple(getattr(self, a) for a in AXES)
         mesh = init_device_mesh(device_type, shape, mesh_dim_names=AXES)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,11 +57,17 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from parallm.errors import UserError
+from parallm.train.checkpoint_dirs import (  # noqa: F401 (part of this module's API)
+    STATE_FILE,
+    latest_checkpoint,
+    list_checkpoints,
+    remove_all,
+    remove_stale,
+    step_dir,
+    tmp_dir,
+)
 from parallm.train.optim import Optimizers
 
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
-_STALE_DIR = re.compile(r"^\.step_(\d{8})\.tmp$")
-STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
 _QUIET = "torch.distributed is disabled, unavailable"
 
@@ -86,56 +91,6 @@ def _world(group: dist.ProcessGroup | None = None) -> int:
 def _barrier(group: dist.ProcessGroup | None = None) -> None:
     if dist.is_initialized():
         dist.barrier(group)
-
-
-def step_dir(root: Path, step: int) -> Path:
-    return root / f"step_{step:08d}"
-
-
-def _tmp_dir(final: Path) -> Path:
-    return final.parent / f".{final.name}.tmp"
-
-
-# -- finding ---------------------------------------------------------------------------------
-
-
-def list_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint directories under `root`, oldest first (no file is read)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / STATE_FILE).exists()]
-    return sorted(found, key=lambda p: p.name)
-
-
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint directory under `root` (not verified), or None."""
-    found = list_checkpoints(root)
-    return found[-1] if found else None
-
-
-def remove_stale(root: str | os.PathLike) -> list[Path]:
-    """Delete the `.step_*.tmp` directories a kill during a save left behind; return them.
-    Call it only when no save is running (at start, before any rank saves)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    stale = sorted(p for p in root.iterdir() if _STALE_DIR.match(p.name))
-    for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
-    return stale
-
-
-def remove_all(root: str | os.PathLike) -> list[Path]:
-    """Delete every checkpoint directory under `root` (complete, temporary or set aside as
-    corrupt) for a run that starts afresh; return the complete ones removed."""
-    root = Path(root)
-    complete = list_checkpoints(root)
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.is_dir() and re.match(r"^\.?step_\d{8}(\.tmp|\.corrupt)?$", p.name):
-                shutil.rmtree(p, ignore_errors=True)
-    return complete
 
 
 # -- the manifest ----------------------------------------------------------------------------
@@ -287,7 +242,7 @@ class Checkpointer:
         has (or, while an async save runs, will have) once complete."""
         self.wait()
         final = step_dir(self.root, step)
-        tmp = _tmp_dir(final)
+        tmp = tmp_dir(final)
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)

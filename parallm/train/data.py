@@ -16,7 +16,6 @@ import copy
 import hashlib
 import json
 import os
-import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,38 +26,6 @@ import torch
 from parallm.errors import UserError
 from parallm.tokenizer import Tokenizer
 from parallm.utils.progress import load_progress
-
-STDLIB = "{stdlib}"
-
-
-def find_files(
-    paths: list[str], extensions: list[str], *, exclude: list[str] = (), max_files: int = 0
-) -> list[Path]:
-    """Files under `paths` with one of `extensions`, sorted; directory names in `exclude` are
-    skipped; `max_files` > 0 keeps an evenly spread subset of that many."""
-    if not paths:
-        raise UserError('data.paths: no data given; list files or directories, e.g. ["data/"]')
-    skip = set(exclude)
-    found: list[Path] = []
-    for raw in paths:
-        p = Path(raw.replace(STDLIB, sysconfig.get_paths()["stdlib"])).expanduser()
-        if p.is_file():
-            found.append(p)
-        elif p.is_dir():
-            for root, dirs, files in os.walk(p):
-                dirs[:] = sorted(d for d in dirs if d not in skip and not d.startswith("."))
-                found += [Path(root) / f for f in files if Path(f).suffix in extensions]
-        else:
-            raise UserError(f"data.paths: {raw!r} is neither a file nor a directory")
-    found = sorted(set(found))
-    if not found:
-        raise UserError(
-            f"data.paths: no files with extensions {', '.join(extensions)} under {', '.join(paths)}"
-        )
-    if 0 < max_files < len(found):
-        idx = np.linspace(0, len(found) - 1, max_files).round().astype(int)
-        found = [found[i] for i in sorted(set(idx.tolist()))]
-    return found
 
 
 def read_documents(path: Path, text_field: str) -> Iterator[str]:

@@ -54,9 +54,13 @@ def preflight(cfg: JobConfig, world_size: int, *, resume: str = "auto", args=Non
     """Check `cfg` for `world_size` processes; `args`: the model's arguments when known (the
     trainer's, with the tokenizer's vocabulary), else built from `[model]` without it."""
     from parallm.distributed.parallel_dims import ParallelDims
+
+    # First what needs neither torch nor the model: a mistake here answers at once.
+    dims = ParallelDims.from_config(cfg.parallel, world_size)
+    files = _files(cfg)
+    _check_resume(cfg, resume)
     from parallm.train.tasks import make_task
 
-    dims = ParallelDims.from_config(cfg.parallel, world_size)
     task = make_task(cfg.task)
     task.check_layout(dims)  # e.g. DPO refuses pipeline and context parallelism
     _check_task(cfg, task)
@@ -72,8 +76,6 @@ def preflight(cfg: JobConfig, world_size: int, *, resume: str = "auto", args=Non
         start_adapter(cfg.lora.spec(), args, cfg.lora.init_from)
     micro = resolve_micro_batch(cfg, dims, n_stages)
     _check_device(cfg, dims)
-    files = _files(cfg)
-    _check_resume(cfg, resume)
     return Preflight(dims=dims, micro_batch_size=micro, n_stages=n_stages, files=files)
 
 
@@ -172,7 +174,7 @@ def _check_device(cfg: JobConfig, dims: ParallelDims) -> None:
 
 
 def _files(cfg: JobConfig) -> list[Path]:
-    from parallm.train.data import find_files
+    from parallm.utils.fs import find_files
 
     d = cfg.data
     if d.random_tokens:
@@ -188,7 +190,7 @@ def resume_mode(resume: str) -> str:
 
 
 def _check_resume(cfg: JobConfig, resume: str) -> None:
-    from parallm.train.checkpoint import latest_checkpoint
+    from parallm.train.checkpoint_dirs import latest_checkpoint
 
     root = Path(cfg.output.dir) / "checkpoints"
     if resume_mode(resume) == "always" and latest_checkpoint(root) is None:
