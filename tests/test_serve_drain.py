@@ -277,3 +277,48 @@ def test_drain_timeout_ends_streams_with_an_error_event_and_bills_what_was_sent(
         assert cut == (len(PROMPT), 0)  # it received no completion token
     finally:
         server.close()
+
+
+def test_the_drain_ends_other_long_lived_streams_quietly(caplog):
+    """The chat page's event streams (its heartbeat never ends by itself) are not API requests:
+    the drain does not wait for them, and ends them itself at its end, so uvicorn's shutdown
+    finds nothing to cancel (it logs 'Cancel 1 running task(s)' and a traceback for each)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    from parallm.serve.drain import DrainGate, DrainingServer
+
+    async def beats():
+        while True:
+            yield b"data: beat\n\n"
+            await asyncio.sleep(0.05)
+
+    app = Starlette(routes=[Route("/ui/heartbeat", lambda request: StreamingResponse(beats()))])
+    state = SimpleNamespace(draining=False, cut=False, jobs={})
+    gate = DrainGate(app, state)
+    port = free_port()
+    config = uvicorn.Config(gate, host="127.0.0.1", port=port, timeout_graceful_shutdown=1)
+    server = DrainingServer(config, gate, timeout=scaled(30))
+    thread = threading.Thread(target=server.run)  # not the main thread: no signal handlers
+    thread.start()
+    deadline = time.monotonic() + scaled(60)
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    beats_seen = 0
+    with httpx.stream("GET", f"http://127.0.0.1:{port}/ui/heartbeat", timeout=scaled(60)) as r:
+        for line in r.iter_lines():
+            beats_seen += line == "data: beat"
+            if beats_seen == 2:
+                server.handle_exit(signal.SIGTERM, None)  # what the SIGTERM handler calls
+        # the loop ends when the server ends the stream: cleanly, with no read error
+    thread.join(scaled(60))
+    assert not thread.is_alive() and beats_seen >= 2
+    errors = [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert not errors, [r.getMessage() for r in errors]
+    assert not any("Cancel" in r.getMessage() for r in caplog.records)

@@ -41,11 +41,16 @@ _POLL_S = 0.05
 
 class DrainGate:
     """ASGI middleware: counts the API requests (`/v1/...`) in flight, and while the server
-    drains answers every new request but `OPEN_PATHS` with 503."""
+    drains answers every new request but `OPEN_PATHS` with 503. Other requests (the chat page's
+    long-lived event streams, such as its heartbeat) are not waited for: `end_others` ends them
+    at the end of the drain, so that uvicorn's shutdown finds nothing to cancel (it would log a
+    traceback for each)."""
 
     def __init__(self, app: Any, state: ServerState) -> None:
         self.app, self.state = app, state
         self.in_flight = 0
+        self._others: set[asyncio.Task] = set()
+        self._ending = False
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -54,12 +59,45 @@ class DrainGate:
         if self.state.draining:
             await draining_error().response()(scope, receive, send)
             return
-        counted = scope["path"].startswith("/v1/")  # not the chat page's long-lived requests
-        self.in_flight += counted
+        if not scope["path"].startswith("/v1/"):
+            await self._other(scope, receive, send)
+            return
+        self.in_flight += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            self.in_flight -= counted
+            self.in_flight -= 1
+
+    async def _other(self, scope: dict, receive: Any, send: Any) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        started = complete = False
+
+        async def tracked(message: dict) -> None:
+            nonlocal started, complete
+            started = started or message["type"] == "http.response.start"
+            complete = message["type"] == "http.response.body" and not message.get("more_body")
+            await send(message)
+
+        self._others.add(task)
+        try:
+            await self.app(scope, receive, tracked)
+        except asyncio.CancelledError:
+            if not self._ending:
+                raise
+            if not started:  # ended before it answered: as a request arriving now would be
+                await draining_error().response()(scope, receive, send)
+            elif not complete:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            self._others.discard(task)
+
+    def end_others(self) -> int:
+        """End the requests that are not API requests (see the class); how many there were."""
+        self._ending = True
+        for task in self._others:
+            task.cancel()
+        return len(self._others)
 
 
 class DrainingServer(uvicorn.Server):
@@ -113,6 +151,7 @@ class DrainingServer(uvicorn.Server):
             await self._until_idle(AFTER_CUT_S, cuttable=False)
         else:
             _say("drained: no request is running")
+        self.gate.end_others()
         self.should_exit = True  # uvicorn's main loop sees it within 0.1 s and shuts down
 
     @property
