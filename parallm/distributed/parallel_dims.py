@@ -12,6 +12,7 @@ Nothing else in parallm reads ranks or environment variables to learn the layout
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -131,6 +132,11 @@ class ParallelDims:
         from torch.distributed.device_mesh import init_device_mesh
 
         assert dist.is_initialized(), "build_mesh needs an initialized process group"
+        # torch >= 2.11 warns at every slice of a flattened axis ("dp", "dp_shard_cp", ...)
+        # from the root mesh, which FSDP's (dp_replicate, dp_shard_cp) mesh needs; the slices
+        # are what torch documents today, so the warning is silenced rather than printed by
+        # every rank many times.
+        warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mesh")
         shape = tuple(getattr(self, a) for a in AXES)
         mesh = init_device_mesh(device_type, shape, mesh_dim_names=AXES)
         mesh[("dp_replicate", "dp_shard")]._flatten("dp")
