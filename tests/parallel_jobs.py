@@ -135,3 +135,35 @@ def assert_weights_close(got: dict[str, torch.Tensor], ref: dict[str, torch.Tens
     for key, value in ref.items():
         err = (got[key].double() - value.double()).norm() / value.double().norm().clamp_min(1e-12)
         assert err <= 1e-5, f"{key}: relative error {err:.2e}"
+
+
+def random_token_job(
+    out: Path,
+    *extra: str,
+    steps: int,
+    samples: int,
+    vocab: int = 64,
+    batch: int = 4,
+    warmup: int = 2,
+) -> JobConfig:
+    """A tiny Llama trained on `samples` x 16 random token ids (no tokenizer, no files),
+    checkpointing into `out`: the jobs of the checkpoint, drill and multi-node tests."""
+    overrides = [
+        f"--data.random_tokens={samples}",
+        "--data.seq_len=16",
+        f"--model.vocab_size={vocab}",
+        "--model.dim=32",
+        "--model.n_layers=2",
+        "--model.n_heads=4",
+        "--model.n_kv_heads=2",
+        "--model.ffn_dim=64",
+        f"--train.steps={steps}",
+        f"--train.batch_size={batch}",
+        f"--train.warmup_steps={warmup}",
+        "--train.lr=3e-3",
+        "--checkpoint.export_hf=false",
+        f"--output.dir={out}",
+        "--generate.max_tokens=0",
+        *extra,
+    ]
+    return load_config(JobConfig, None, overrides)

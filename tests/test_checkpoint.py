@@ -18,41 +18,29 @@ from pathlib import Path
 import pytest
 import torch
 
-from parallm.config import JobConfig, config_to_toml, load_config
+from parallm.config import JobConfig, config_to_toml
 from parallm.errors import UserError
 from parallm.testing.distributed import run_distributed
 from parallm.testing.timeouts import scaled
 from parallm.train import checkpoint as ckpt
 from parallm.train.trainer import Trainer
+from tests.parallel_jobs import random_token_job
 
 STEPS = 6
 TESTS = Path(__file__).parent
 
 
 def job(out: Path, *extra: str) -> JobConfig:
-    overrides = [
-        "--data.random_tokens=8192",
-        "--data.seq_len=16",
-        "--model.vocab_size=64",
-        "--model.dim=32",
-        "--model.n_layers=2",
-        "--model.n_heads=4",
-        "--model.n_kv_heads=2",
-        "--model.ffn_dim=64",
-        f"--train.steps={STEPS}",
-        "--train.batch_size=4",
+    return random_token_job(
+        out,
         "--train.micro_batch_size=2",
-        "--train.warmup_steps=2",
-        "--train.lr=3e-3",
         "--train.log_every=100",
         "--checkpoint.every=2",
         "--checkpoint.keep_last=0",
-        "--checkpoint.export_hf=false",
-        f"--output.dir={out}",
-        "--generate.max_tokens=0",
         *extra,
-    ]
-    return load_config(JobConfig, None, overrides)
+        steps=STEPS,
+        samples=8192,
+    )
 
 
 def losses(records: list[dict]) -> list[float]:

@@ -20,8 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from parallm.config import JobConfig, config_to_toml, load_config
+from parallm.config import config_to_toml
 from parallm.testing.timeouts import scaled
+from tests.parallel_jobs import random_token_job
 
 TESTS = Path(__file__).parent
 STEPS = 30
@@ -34,32 +35,16 @@ SPARE = 1
 
 
 def _job_file(tmp_path: Path, out: Path) -> Path:
-    cfg = load_config(
-        JobConfig,
-        None,
-        [
-            "--data.random_tokens=16384",
-            "--data.seq_len=16",
-            "--model.vocab_size=64",
-            "--model.dim=32",
-            "--model.n_layers=2",
-            "--model.n_heads=4",
-            "--model.n_kv_heads=2",
-            "--model.ffn_dim=64",
-            f"--train.steps={STEPS}",
-            "--train.batch_size=4",
-            "--train.micro_batch_size=2",
-            "--train.warmup_steps=2",
-            "--train.lr=3e-3",
-            "--train.log_every=100",
-            "--parallel.dp_shard=2",
-            "--parallel.timeout_s=60",
-            "--checkpoint.every=3",
-            "--checkpoint.keep_last=2",
-            "--checkpoint.export_hf=false",
-            f"--output.dir={out}",
-            "--generate.max_tokens=0",
-        ],
+    cfg = random_token_job(
+        out,
+        "--train.micro_batch_size=2",
+        "--train.log_every=100",
+        "--parallel.dp_shard=2",
+        f"--parallel.timeout_s={scaled(60):.0f}",
+        "--checkpoint.every=3",
+        "--checkpoint.keep_last=2",
+        steps=STEPS,
+        samples=16384,
     )
     path = tmp_path / f"{out.name}.toml"
     path.write_text(config_to_toml(cfg))

@@ -25,37 +25,25 @@ from pathlib import Path
 
 import pytest
 
-from parallm.config import JobConfig, config_to_toml, load_config
+from parallm.config import JobConfig, config_to_toml
 from parallm.testing.timeouts import scaled
+from tests.parallel_jobs import random_token_job
 
 STEPS = 24
 
 
 def _job(out: Path, *extra: str) -> JobConfig:
-    return load_config(
-        JobConfig,
-        None,
-        [
-            "--data.random_tokens=4000",
-            "--data.seq_len=16",
-            "--model.vocab_size=96",
-            "--model.dim=32",
-            "--model.n_layers=2",
-            "--model.n_heads=4",
-            "--model.n_kv_heads=2",
-            "--model.ffn_dim=64",
-            f"--train.steps={STEPS}",
-            "--train.batch_size=8",
-            "--train.warmup_steps=1",
-            "--train.lr=3e-3",
-            "--train.eps=1e-6",  # see tests/parallel_jobs.py
-            "--train.log_every=1",
-            "--checkpoint.every=4",
-            "--checkpoint.export_hf=false",
-            "--generate.max_tokens=0",
-            f"--output.dir={out}",
-            *extra,
-        ],
+    return random_token_job(
+        out,
+        "--train.eps=1e-6",  # see tests/parallel_jobs.py
+        "--train.log_every=1",
+        "--checkpoint.every=4",
+        *extra,
+        steps=STEPS,
+        samples=4000,
+        vocab=96,
+        batch=8,
+        warmup=1,
     )
 
 
