@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from parallel_jobs import random_token_job
 
 from parallm.config import JobConfig, config_to_toml
 from parallm.errors import UserError
@@ -24,7 +25,6 @@ from parallm.testing.distributed import run_distributed
 from parallm.testing.timeouts import scaled
 from parallm.train import checkpoint as ckpt
 from parallm.train.trainer import Trainer
-from tests.parallel_jobs import random_token_job
 
 STEPS = 6
 TESTS = Path(__file__).parent

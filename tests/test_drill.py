@@ -20,9 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+from parallel_jobs import random_token_job
+
 from parallm.config import config_to_toml
 from parallm.testing.timeouts import scaled
-from tests.parallel_jobs import random_token_job
 
 TESTS = Path(__file__).parent
 STEPS = 30

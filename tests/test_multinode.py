@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 import pytest
+from parallel_jobs import random_token_job
 
 from parallm.config import JobConfig, config_to_toml
 from parallm.testing.timeouts import scaled
-from tests.parallel_jobs import random_token_job
 
 STEPS = 24
 

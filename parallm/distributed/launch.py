@@ -96,6 +96,9 @@ def record_error(message: str) -> None:
             json.dump({"message": message, "timestamp": int(now), "parallm_time": now}, f)
 
 
+USER_ERROR_WAIT_S = 30.0
+
+
 def rank_main(fn: Callable[[], int]) -> int:
     """Run one rank's `fn` with parallm's failure rules: a `UserError` is printed once, by rank
     0, and exits 2 (every rank finds it alike); any other exception is printed by the rank that
@@ -108,9 +111,13 @@ def rank_main(fn: Callable[[], int]) -> int:
     try:
         return fn()
     except UserError as e:
+        record_error(f"parallm: error: {e}")
         if rank() == 0:
             print(f"parallm: error: {e}", file=sys.stderr, flush=True)
-        record_error(f"parallm: error: {e}")
+        else:
+            # Every rank finds a user error alike, and the first rank to exit makes the agent
+            # stop the others: wait for rank 0 to print it (the agent ends this wait).
+            time.sleep(USER_ERROR_WAIT_S)
         return 2
     except KeyboardInterrupt:
         return 130
