@@ -4,11 +4,12 @@ long loads (weights, tokenizing) shown only when they take long. A fake clock, n
 from __future__ import annotations
 
 import io
+import json
 import re
 
 import pytest
 
-from parallm.train.metrics import Progress
+from parallm.train.metrics import MetricsLog, Progress
 from parallm.utils import progress as load
 from parallm.utils.progress import LineProgress, format_seconds
 
@@ -159,3 +160,15 @@ def test_tokenizing_reports_the_bytes_read(no_delay, tmp_path, capsys):
     total = sum(f.stat().st_size for f in files)
     err = capsys.readouterr().err.splitlines()
     assert err[-1].startswith(f"tokenizing 3 files: {total} B/{total} B (100%)")
+
+
+def test_metrics_log_on_resume_keeps_steps_up_to_the_checkpoint_and_drops_a_torn_line(tmp_path):
+    """A kill in the middle of writing a line leaves half a JSON object at the end of
+    metrics.jsonl; the resumed run drops it (and every step after its checkpoint), then goes on
+    appending, rather than failing to parse the file."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5}\n{"step": 3, "lo')
+    log = MetricsLog(tmp_path, resume_step=2)
+    log.write({"step": 3, "loss": 2.25})
+    log.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]

@@ -31,17 +31,24 @@ def device_peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
 class MetricsLog:
     """Appends one JSON line per step to `<dir>/metrics.jsonl`; on resume drops later steps."""
 
     def __init__(self, out_dir: Path, *, resume_step: int = 0) -> None:
         self.path = out_dir / "metrics.jsonl"
         if self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= resume_step
-            ]
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            if lines and not _is_json(lines[-1]):
+                lines.pop()  # torn by a kill in the middle of a write; its step is re-run
+            kept = [line for line in lines if json.loads(line)["step"] <= resume_step]
             write_lines_atomic(self.path, kept)
         self.file: TextIO = self.path.open("a")
 
