@@ -188,6 +188,17 @@ def test_a_request_that_can_never_fit_gets_400_and_every_429_a_retry_after(engin
             r = client.post("/v1/completions", json=fits, headers=tpm)
             assert r.status_code == 429 and error_of(r)["code"] == "rate_limit_exceeded"
             assert 1 <= int(r.headers["Retry-After"]) <= 60
+            # Without max_tokens a chat answer may use what the window leaves after its prompt
+            # (not the whole context, which this key could never pay for): a fresh key, 200.
+            _, small_secret = store.create("small", tpm=CONTEXT // 2)
+            small = {"Authorization": f"Bearer {small_secret}"}
+            chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+            r = client.post(
+                "/v1/chat/completions", json={**chat, "ignore_eos": True}, headers=small
+            )
+            assert r.status_code == 200, r.text
+            usage = r.json()["usage"]
+            assert usage["prompt_tokens"] + usage["completion_tokens"] == CONTEXT // 2
 
             rpm = {"Authorization": f"Bearer {rpm_secret}"}
             one = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}

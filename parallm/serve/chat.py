@@ -53,7 +53,7 @@ async def chat_completions(request: Request) -> Response:
     requested = (
         req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     )
-    max_tokens = max_tokens_for(requested, len(prompt), state)
+    max_tokens = max_tokens_for(requested, [prompt], req.n, key, state)
     top = req.top_logprobs or 0
     params = req.sampling_params(max_tokens, logprobs=top if req.logprobs else None)
     try:

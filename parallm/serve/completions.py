@@ -47,8 +47,7 @@ async def completions(request: Request) -> Response:
     check_n(state, req.n, req.best_of)
     ids = await prompt_ids(state, prompts)
     scoring = req.max_tokens == 0  # echo the prompt (and its logprobs), generate nothing
-    longest = max(len(p) for p in ids)
-    max_tokens = 1 if scoring else max_tokens_for(req.max_tokens, longest, state)
+    max_tokens = 1 if scoring else max_tokens_for(req.max_tokens, ids, req.n, key, state)
     want_prompt_lps = req.echo and req.logprobs is not None
     params = req.sampling_params(
         max_tokens,

@@ -240,12 +240,19 @@ def _charge(state: ServerState, key: KeyInfo, reserved: int) -> None:
         )
 
 
-def max_tokens_for(requested: int | None, prompts_longest: int, state: ServerState) -> int:
-    """None: as many as the context leaves (at least 1, so that a too long prompt gets the
-    prompt's error, not max_tokens')."""
+def max_tokens_for(
+    requested: int | None, ids: list[list[int]], n: int, key: KeyInfo | None, state: ServerState
+) -> int:
+    """None: as many as the context leaves after the longest prompt and, for a key with a
+    tokens-per-minute limit, as many as its whole window leaves once the prompts are paid for
+    (`n` choices each), so that leaving max_tokens out never makes a request that cannot fit;
+    at least 1, so that a too long prompt gets the prompt's error, not max_tokens'."""
     if requested is not None:
         return requested
-    return max(1, state.llm.max_model_len - prompts_longest)
+    most = state.llm.max_model_len - max(len(p) for p in ids)
+    if key is not None and key.tpm is not None:
+        most = min(most, (key.tpm - sum(len(p) for p in ids)) // (len(ids) * n))
+    return max(1, most)
 
 
 # -- a non-streaming job --------------------------------------------------------------------------
