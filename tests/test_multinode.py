@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from parallel_jobs import random_token_job
 
 from parallm.config import JobConfig, config_to_toml
 from parallm.testing.timeouts import scaled
+from tests.serve_helpers import free_port
 
 STEPS = 24
 
@@ -54,12 +54,6 @@ def reference(tmp_path_factory) -> list[float]:
 
     out = tmp_path_factory.mktemp("one")
     return [r["loss"] for r in Trainer(_job(out)).fit()]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children(pid: int) -> list[int]:
@@ -92,7 +86,7 @@ class Cluster:
         self.out = tmp / "out"
         job = tmp / "job.toml"
         job.write_text(config_to_toml(_job(self.out)))
-        port = _free_port()
+        port = free_port()
         env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}  # gloo on loopback, not this host's name
         self.nodes: list[subprocess.Popen] = []
         self.logs: list[Path] = []

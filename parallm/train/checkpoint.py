@@ -291,19 +291,6 @@ def _seal(tmp: Path, final: Path, keep_last: int, group: dist.ProcessGroup | Non
     _barrier(group)
 
 
-def save_checkpoint(
-    root: str | os.PathLike,
-    step: int,
-    model_parts: list[nn.Module],
-    optimizer: Optimizers,
-    trainer_state: dict[str, Any],
-    *,
-    keep_last: int = 0,
-) -> Path:
-    """Save synchronously (see `Checkpointer`); keep the newest `keep_last` (0: all)."""
-    return Checkpointer(root, keep_last=keep_last).save(step, model_parts, optimizer, trainer_state)
-
-
 def _prune(root: Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
