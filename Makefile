@@ -10,7 +10,7 @@ $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test,serve,ui]'
+	$(BIN)/pip install -q -e '.[test,serve,ui,video]'
 	touch $@
 
 .PHONY: demo post-train test lint install
