@@ -135,7 +135,66 @@ def _generate_lora(args: argparse.Namespace) -> dict:
     return dict(enable_lora=True, max_loras=1, max_lora_rank=adapter.spec.r)
 
 
+def _video_generate(args: argparse.Namespace) -> int:
+    """Check the options and the model directory without torch (one line, exit 2), then load the
+    pipeline, generate one clip and write it (and a GIF beside it with --gif)."""
+    import time
+    from pathlib import Path
+
+    from parallm.utils.fs import model_dir, read_json
+
+    out = Path(args.out)
+    if out.suffix.lower() not in VIDEO_SUFFIXES:
+        raise UserError(
+            f"--out: {args.out!r} is not valid; name a {' or '.join(VIDEO_SUFFIXES)} file"
+        )
+    for name in ("frames", "height", "width", "steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name}: {value} is not valid; must be >= 1")
+    if args.guidance < 0:
+        raise UserError(f"--guidance: {args.guidance} is not valid; must be >= 0 (1: no guidance)")
+    if args.fps is not None and args.fps <= 0:
+        raise UserError(f"--fps: {args.fps} is not valid; must be > 0")
+    if not args.prompt.strip():
+        raise UserError("--prompt: '' is not valid; give the text of the video")
+    d = model_dir(args.model)
+    model_type = read_json(d / "config.json").get("model_type")
+    if model_type != "STDiT3":
+        raise UserError(
+            f"--model: {args.model!r} is a {model_type!r} model, not a video model (STDiT3)"
+        )
+    import_extra("av", command="video generate", extra="video")
+    start = time.perf_counter()
+    from parallm.video.io import write_video
+    from parallm.video.pipeline import VideoPipeline
+
+    pipe = VideoPipeline.load(d, device=args.device or "cpu", dtype=args.dtype or "float32")
+    video = pipe.generate(
+        [args.prompt],
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        fps=args.fps,
+    )[0]
+    fps = args.fps or pipe.config.fps
+    paths = [out] + ([out.with_suffix(".gif")] if args.gif and out.suffix.lower() != ".gif" else [])
+    for path in paths:
+        write_video(path, video, fps)
+    _, t, h, w = video.shape
+    wrote = " and ".join(str(p) for p in paths)
+    print(
+        f"wrote {wrote}: {t} frames {w}x{h} at {fps:g} fps in {time.perf_counter() - start:.1f} s"
+    )
+    return 0
+
+
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
+    if args.what == "video":
+        return _bench_video(rest)
     if args.what == "serve":
         from parallm.bench import serve as bench_serve
 
@@ -158,6 +217,21 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
     bench_train.preflight_job(parsed, opts.world_size)  # one line, exit 2, before any rank
     print(f"parallm: starting {opts.describe()}", flush=True)
     return launch("parallm.bench.train", rest, opts)
+
+
+def _bench_video(rest: list[str]) -> int:
+    from parallm.bench import video as bench_video
+
+    parsed = bench_video.parser().parse_args(rest)
+    bench_video.check_args(parsed)  # one line, exit 2, before torch
+    if parsed.nproc <= 1:
+        return bench_video.main(rest)
+    from parallm.distributed.launch import LaunchOptions, launch
+
+    opts = LaunchOptions(nproc=parsed.nproc)
+    bench_video.preflight_job(parsed, opts.world_size)
+    print(f"parallm: starting {opts.describe()}", flush=True)
+    return launch("parallm.bench.video", rest, opts)
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -270,13 +344,60 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=7860)
 
+    video = sub.add_parser(
+        "video",
+        help="text-to-video: generate clips with a trained STDiT3 model",
+        description="Text-to-video with a model directory written by `parallm train` "
+        "(task flow): STDiT3 config.json + model.safetensors + video.json.",
+    )
+    _add_video_commands(video)
+
     bench = sub.add_parser(
         "bench",
-        help="benchmarks: train, infer, serve (`parallm bench --help` lists them)",
+        help="benchmarks: train, infer, serve, video (`parallm bench --help` lists them)",
         description="Benchmarks; `parallm bench NAME --help` shows a benchmark's options.",
     )
     _add_benchmarks(bench)
     return parser
+
+
+VIDEO_SUFFIXES = (".mp4", ".gif")
+
+
+def _add_video_commands(video: argparse.ArgumentParser) -> None:
+    actions = video.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    gen = actions.add_parser(
+        "generate",
+        help="generate a clip from a text prompt; write it as MP4 (H.264) or GIF",
+        description="Generate a clip from a text prompt with rectified-flow Euler sampling and "
+        "classifier-free guidance, and write it as MP4 (H.264) or GIF (by the suffix of --out). "
+        "The same seed gives the same video. Frames, height and width default to the size the "
+        "model was trained at (its video.json); sizes that are not a multiple of the patch "
+        "are padded by the model and cropped back, as in Open-Sora; with a VAE, height and "
+        "width must be multiples of its downsampling factor.",
+        epilog="example: parallm video generate --model runs/video-demo/hf "
+        '--prompt "a red circle moving left" --steps 30 --guidance 4 --seed 1 --out clip.mp4 --gif',
+    )
+    gen.add_argument("--model", required=True, help="model directory (STDiT3 + video.json)")
+    gen.add_argument("--prompt", required=True, help="what the video shows")
+    gen.add_argument("--frames", type=int, default=None, help="default: the model's")
+    gen.add_argument("--height", type=int, default=None, help="pixels (default: the model's)")
+    gen.add_argument("--width", type=int, default=None, help="pixels (default: the model's)")
+    gen.add_argument("--steps", type=int, default=30, help="Euler sampling steps (default 30)")
+    gen.add_argument(
+        "--guidance",
+        type=float,
+        default=7.0,
+        help="classifier-free guidance scale (default 7; 1: conditional only, no guidance)",
+    )
+    gen.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    gen.add_argument("--fps", type=float, default=None, help="frame rate (default: the model's)")
+    gen.add_argument(
+        "--out", default="video.mp4", help="output file, .mp4 or .gif (default video.mp4)"
+    )
+    gen.add_argument("--gif", action="store_true", help="also write a GIF beside the MP4")
+    gen.add_argument("--device", default=None, help="cpu | cuda (default: cpu)")
+    gen.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default float32)")
 
 
 BENCHMARKS = {
@@ -284,6 +405,8 @@ BENCHMARKS = {
     "SFT and LoRA against transformers + peft",
     "infer": "offline generation throughput, parallm against transformers on the same weights",
     "serve": "latency (TTFT, TPOT, ITL) and throughput of a running server under Poisson load",
+    "video": "STDiT3 training samples/s and patches/s per device on any layout (sequence "
+    "parallel too), peak memory, generation seconds per clip",
 }
 
 
@@ -432,6 +555,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "ui":
             return _ui(args)
+        if args.command == "video":
+            return _video_generate(args)
         return _generate(args)
     except UserError as e:
         print(f"parallm: error: {e}", file=sys.stderr)

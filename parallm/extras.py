@@ -2,7 +2,8 @@
 
 `pip install parallm` trains, generates, plans and benchmarks; the HTTP server, the key store and
 `bench serve` need the `serve` extra (FastAPI, uvicorn, SQLAlchemy, ...), the chat page the `ui`
-extra (Gradio, plus the server's). A command that needs a missing extra says which, in one line.
+extra (Gradio, plus the server's), video files (`parallm video generate`, video datasets) the
+`video` extra (PyAV, imageio). A command that needs a missing extra says which, in one line.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ OPTIONAL_MODULES = frozenset(
         "pydantic",
         "matplotlib",
         "gradio",
+        "av",
+        "imageio",
     }
 )
 
