@@ -157,7 +157,7 @@ def _video_generate(args: argparse.Namespace) -> int:
     if args.fps is not None and args.fps <= 0:
         raise UserError(f"--fps: {args.fps} is not valid; must be > 0")
     if not args.prompt.strip():
-        raise UserError("--prompt: '' is not valid; give the text of the video")
+        raise UserError(f"--prompt: {args.prompt!r} is not valid; give the text of the video")
     d = model_dir(args.model)
     model_type = read_json(d / "config.json").get("model_type")
     if model_type != "STDiT3":
