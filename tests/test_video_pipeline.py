@@ -216,3 +216,38 @@ def test_bad_options_are_one_line_before_torch(tmp_path):
         assert not torch_loaded, f"parallm {' '.join(argv)} imported torch"
     for code, err, torch_loaded in results[len(cases) :]:
         assert code == 0 and not torch_loaded, err
+
+
+def test_video_json_from_a_training_job(tmp_path):
+    from parallm.config import JobConfig, load_config
+    from parallm.video.pipeline import (
+        VideoConfig,
+        read_video_config,
+        save_video_config,
+        video_config_from_job,
+    )
+
+    job = load_config(
+        JobConfig,
+        None,
+        ["--video.frames=8", "--video.height=24", "--video.vae=vaes/sd", "--task.shift_scale=2"],
+    )
+    config = video_config_from_job(job)
+    assert config == VideoConfig(
+        text_encoder="trainable",
+        vae=str(Path("vaes/sd").resolve()),
+        frames=8,
+        height=24,
+        width=job.video.width,
+        fps=job.video.fps,
+        timestep_shift=False,
+        shift_scale=2.0,
+    )
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "STDiT3"}))
+    save_video_config(d, config)
+    assert read_video_config(d) == config
+    (d / "video.json").write_text(json.dumps({"frames": 8, "colour": "red"}))
+    with pytest.raises(UserError, match="unknown field 'colour'"):
+        read_video_config(d)

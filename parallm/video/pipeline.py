@@ -69,6 +69,27 @@ class VideoConfig:
             )
 
 
+def video_config_from_job(job: Any) -> VideoConfig:
+    """The `VideoConfig` a training job (`config.JobConfig`) implies: its `[video]` size,
+    encoder and autoencoder (directories made absolute, so the exported model works from any
+    working directory) and its `[task]` timestep shift, which sampling applies as training did."""
+    v = job.video
+
+    def absolute(spec: str) -> str:
+        return spec if not spec or spec == TRAINABLE else str(Path(spec).resolve())
+
+    return VideoConfig(
+        text_encoder=absolute(v.text_encoder),
+        vae=absolute(v.vae),
+        frames=v.frames,
+        height=v.height,
+        width=v.width,
+        fps=float(v.fps),
+        timestep_shift=job.task.timestep_shift,
+        shift_scale=job.task.shift_scale,
+    )
+
+
 def save_video_config(path: str | os.PathLike, config: VideoConfig) -> Path:
     """Write `config` as `path/video.json` (atomically); the trainer calls it on export."""
     out = Path(path) / VIDEO_CONFIG
