@@ -1,0 +1,65 @@
+"""The moving-shapes demo: its data, its compositional split and its tracker."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from parallm.demo import shapes
+from parallm.demo.shapes import COLOURS, DIRECTIONS, SHAPES, Combo, Track, combos, render, track
+from parallm.video.io import read_video
+
+
+def test_held_out_triples_are_unseen_but_their_pairs_are_trained():
+    train, held = combos()
+    assert len(train) == 30 and len(held) == 10 and not set(train) & set(held)
+    assert len(set(train) | set(held)) == len(COLOURS) * len(DIRECTIONS) * len(SHAPES)
+    for c in held:
+        assert any(t.colour == c.colour and t.direction == c.direction for t in train)
+        assert any(t.colour == c.colour and t.shape == c.shape for t in train)
+        assert any(t.direction == c.direction and t.shape == c.shape for t in train)
+
+
+@pytest.mark.parametrize("size", [16, 32])
+def test_tracker_reads_every_clean_clip(size):
+    train, held = combos()
+    for k, combo in enumerate(train + held):
+        video = render(combo, frames=8, size=size, rng=random.Random(k))
+        assert track(video) == Track(combo.colour, combo.direction), combo
+
+
+def test_tracker_on_a_static_an_empty_and_a_float_clip():
+    video = render(Combo("blue", "up", "square"), frames=6, size=32, rng=random.Random(0))
+    assert track(np.repeat(video[:1], 6, axis=0)) == Track("blue", None)
+    assert track(np.full_like(video, 16)) == Track(None, None)
+    as_float = video.transpose(3, 0, 1, 2).astype(np.float32) / 127.5 - 1  # (3, T, H, W)
+    assert track(as_float) == Track("blue", "up")
+
+
+def test_data_writes_clips_the_tracker_reads_back(tmp_path):
+    counts = shapes.make_data(tmp_path, n=12, heldout=10, frames=6, size=16, seed=1)
+    assert counts["train.jsonl"] == 12 and counts["heldout.jsonl"] == 10
+    held = shapes.read_rows(tmp_path / "heldout.jsonl")
+    trained = {r["text"] for r in shapes.read_rows(tmp_path / "train.jsonl")}
+    assert len({r["text"] for r in held}) == 10 and not trained & {r["text"] for r in held}
+    for row in shapes.read_rows(tmp_path / "train.jsonl") + held:
+        video, fps = read_video(tmp_path / row["path"])
+        assert video.shape == (6, 16, 16, 3) and fps == shapes.FPS
+        assert track(video) == Track(row["colour"], row["direction"])
+        assert row["text"] == f"a {row['colour']} {row['shape']} moving {row['direction']}"
+
+
+def test_score_counts_against_chance():
+    rows = [{"colour": "red", "direction": "left"}, {"colour": "blue", "direction": "up"}]
+    tracks = [Track("red", "right"), Track("blue", "up")]
+    got = shapes.score(tracks, rows)
+    assert (got["colour_accuracy"], got["direction_accuracy"], got["both_accuracy"]) == (
+        1,
+        0.5,
+        0.5,
+    )
+    assert (got["colour_chance"], got["direction_chance"]) == (0.2, 0.25)
+    json.dumps(got)
