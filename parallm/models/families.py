@@ -11,6 +11,7 @@ from __future__ import annotations
 # The module whose import registers a family -> the model types its spec serves.
 FAMILY_MODULES: dict[str, tuple[str, ...]] = {
     "parallm.models.llama": ("llama", "mistral", "qwen2", "qwen3"),
+    "parallm.models.stdit": ("STDiT3",),
 }
 
 
