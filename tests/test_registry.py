@@ -41,14 +41,16 @@ def test_unknown_model_type_is_one_error_listing_the_registered(tmp_path):
     (tmp_path / "config.json").write_text(
         json.dumps({"architectures": ["GPTNeoXForCausalLM"], **_SHAPE})
     )
-    with pytest.raises(UserError, match="unsupported architecture.*registered model types: llama"):
+    with pytest.raises(
+        UserError, match="unsupported architecture.*registered model types: .*llama"
+    ):
         parallm.load_pretrained(tmp_path)
 
 
 def test_model_architecture_is_checked_against_the_registry():
     from parallm.config import ModelConfig
 
-    with pytest.raises(UserError, match="model.architecture: 'gpt2' is not valid; valid: llama"):
+    with pytest.raises(UserError, match="model.architecture: 'gpt2' is not valid; valid: .*llama"):
         ModelConfig(architecture="gpt2")
 
 
