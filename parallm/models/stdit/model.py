@@ -521,8 +521,8 @@ class STDiT3(nn.Module):
 
         x (B, C, T, H, W); timestep (B,) in [0, 1000]; y (B, 1, L, Cy) caption embeddings, or
         (B, L) token ids with `caption_vocab_size > 0`; mask (B, L) caption mask (non-zero = a
-        real token; None = all); x_mask (B, T) bool, False = a conditioning frame that gets
-        timestep 0; fps (B,) (None = 24); height, width (B,) pixel size of the video for the
+        real token; None = all); x_mask (B, T') bool over patch frames (T' = T / pt, T when
+        pt = 1), False = a conditioning frame that gets timestep 0; fps (B,) (None = 24); height, width (B,) pixel size of the video for the
         position-embedding scale (None = x's own size); drop_caption (B,) bool: those samples'
         captions are replaced by the null caption (their mask is kept, as Open-Sora's
         token_drop does). Returns (B, Co, T, H, W) float32, cropped to the input size.
