@@ -113,8 +113,8 @@ def bench_overrides(args: argparse.Namespace) -> list[str]:
         f"--video.patch={json.dumps(list(PATCH))}",
         f"--video.caption_length={CAPTION_LENGTH}",
         f"--video.caption_channels={shape['caption_channels']}",
-        '--video.text_encoder="trainable"',
-        '--video.vae=""',
+        "--video.text_encoder=trainable",
+        "--video.vae=",  # pixel space
         f"--train.steps={args.warmup + args.steps}",
         f"--train.batch_size={args.batch}",
         f"--train.micro_batch_size={args.micro_batch or 'auto'}",
@@ -129,13 +129,14 @@ def bench_overrides(args: argparse.Namespace) -> list[str]:
 
 def preflight_job(args: argparse.Namespace, world_size: int):
     """The job's checks that need no rank (`train.preflight`): one line, exit 2, before any
-    rank starts; the synthetic clips are written here, once, before the ranks read them."""
+    rank starts; the synthetic clips are written here, once, before the ranks read them (a
+    run under the agent: by the launching process)."""
     from parallm.config import JobConfig, load_config
     from parallm.train.preflight import preflight
 
     cfg = load_config(JobConfig, None, bench_overrides(args))
+    write_clips(args)  # before preflight, which checks that data.paths exist
     preflight(cfg, world_size, resume="never")
-    write_clips(args)
     return cfg
 
 
