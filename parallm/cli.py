@@ -464,7 +464,9 @@ def _add_keys_actions(keys: argparse.ArgumentParser, db_help: str) -> None:
     listing = keys_sub.add_parser("list", help="list keys (prefixes only)")
     revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("id")
-    usage = keys_sub.add_parser("usage", help="prompt and completion tokens per key")
+    usage = keys_sub.add_parser(
+        "usage", help="prompt and completion tokens (and video frames) per key"
+    )
     usage.add_argument("--since", default=None, help="ISO date/time or an age: 24h, 7d")
     usage.add_argument(
         "--by-model", action="store_true", help="a row per key and model (base or adapter)"
@@ -527,6 +529,18 @@ def _add_serve_options(serve: argparse.ArgumentParser, db_help: str) -> None:
     )
     serve.add_argument(
         "--ui-api-key", help="the key the chat page sends when its user types none (default: none)"
+    )
+    serve.add_argument(
+        "--video-model",
+        help="also serve this video model directory (parallm train, task flow) at /v1/videos",
+    )
+    serve.add_argument("--max-video-frames", type=int, help="largest frames of a video request")
+    serve.add_argument(
+        "--max-video-pixels", type=int, help="largest width x height of a video request"
+    )
+    serve.add_argument("--max-video-steps", type=int, help="largest sampling steps of a video")
+    serve.add_argument(
+        "--video-threads", type=int, help="torch threads of the video worker (default: cores/2)"
     )
     serve.set_defaults(
         **{f.name: f.default for f in fields(ServerConfig) if f.default is not MISSING}

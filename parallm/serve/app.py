@@ -16,8 +16,9 @@ access log once its response has ended (`access_log`); /openapi.json describes e
 from the table in `openapi`.
 
 The endpoints live in one module per group: `system` (/health, /metrics, /v1/models),
-`completions`, `chat`, `admin` (loading and unloading LoRA adapters, admin keys only); `common` holds the checks they share and `jobs` a request's engine
-requests. `parallm.serve.server` runs the app under uvicorn.
+`completions`, `chat`, `admin` (loading and unloading LoRA adapters, admin keys only), `videos`
+(OpenAI's video API, with --video-model); `common` holds the checks they share and `jobs` a
+request's engine requests. `parallm.serve.server` runs the app under uvicorn.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ import asyncio
 import traceback
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from parallm.errors import UserError
-from parallm.serve import access_log, admin, chat, completions, openapi, system
+from parallm.serve import access_log, admin, chat, completions, openapi, system, videos
 from parallm.serve.common import APIError
 from parallm.serve.state import ServerState
 
@@ -54,9 +56,13 @@ def build_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.engine.start()
+        if state.videos is not None:
+            state.videos.start(partial(videos.job_ended, state))
         try:
             yield
         finally:
+            if state.videos is not None:
+                state.videos.stop()  # fails what is left (recording its usage) first
             if state._background:
                 await asyncio.wait(list(state._background), timeout=10)
             state.engine.stop()
@@ -66,6 +72,8 @@ def build_app(
     _add_error_handlers(app)
     for group in (system, completions, chat, admin):
         app.include_router(group.router)
+    if state.videos is not None:
+        app.include_router(videos.router)
     openapi.install(app, state)
     if log_format is not None:
         access_log.configure(log_format)

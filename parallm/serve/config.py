@@ -34,7 +34,11 @@ class ServerConfig:
     off). `metrics_auth`: /metrics answers only requests with a valid key (any key: the metrics
     hold no secrets, and a scraper's key should not be one that can load adapters).
     `ui_api_key`: the key the chat page sends for whoever opens it without typing their own
-    (never a key taken from the environment)."""
+    (never a key taken from the environment).
+    `video_model`: also serve a video model directory (`parallm train`'s export for task flow)
+    behind /v1/videos, next to the text model (`model` is still required); a request above
+    `max_video_frames`, `max_video_pixels` (width x height) or `max_video_steps` gets a 400.
+    `video_threads`: torch threads of the video worker process (default: half the cores)."""
 
     model: str  # model directory (HF format)
     served_model_name: str | None = None  # the name in the API; default: `model`
@@ -68,6 +72,12 @@ class ServerConfig:
     no_access_log: bool = False
     metrics_auth: bool = False  # /metrics needs a valid key
     ui_api_key: str | None = None  # the key the chat page sends when its user gives none
+    # Video generation (see `parallm.serve.videos`).
+    video_model: str | None = None  # a video model directory; None: no /v1/videos
+    max_video_frames: int = 128
+    max_video_pixels: int = 1280 * 720
+    max_video_steps: int = 100
+    video_threads: int | None = None  # default: half the cores, at least 1
 
     def __post_init__(self) -> None:
         # argparse gives None (no --lora) or a list; the config holds a tuple either way.
@@ -109,6 +119,7 @@ class ServerConfig:
                 f"--log-level: {self.log_level!r} is not valid; valid: {', '.join(LOG_LEVELS)}"
             )
         self._check_contract_options()
+        self._check_video_options()
 
     def _check_contract_options(self) -> None:
         if self.log_format not in LOG_FORMATS:
@@ -123,6 +134,14 @@ class ServerConfig:
             raise UserError("--ui-api-key: only used by the chat page; add --ui or leave it out")
         if self.ui_api_key is not None and not self.ui_api_key.strip():
             raise UserError("--ui-api-key: '' is not valid; give a key or leave it out")
+
+    def _check_video_options(self) -> None:
+        if self.video_model is not None and not self.video_model.strip():
+            raise UserError("--video-model: '' is not valid; give a video model directory")
+        for name in ("max_video_frames", "max_video_pixels", "max_video_steps"):
+            _check_range(name, getattr(self, name), 1)
+        if self.video_threads is not None:
+            _check_range("video_threads", self.video_threads, 1)
 
     @property
     def model_name(self) -> str:

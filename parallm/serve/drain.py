@@ -12,6 +12,8 @@ the signal, so the process ends with status 143 rather than 0):
    error event and [DONE] after what it has sent (and its usage chunk, if asked for), a
    non-streaming request gets a 503, and usage is recorded once with the tokens delivered; no
    new job may start.
+   Video jobs (`parallm.serve.videos`) fail at the drain's start: their polls get 503, so
+   their videos could never be fetched.
 4. Then uvicorn's own shutdown runs (close the port and the idle connections, the app's
    lifespan end: the usage records are written, the engine stops) and `serve` returns 0.
 
@@ -137,6 +139,9 @@ class DrainingServer(uvicorn.Server):
     async def _drain_then_exit(self, name: str) -> None:
         state = self.state
         state.draining = True
+        if state.videos is not None:  # its polls get 503 now: no video could be fetched
+            ended = state.videos.fail_all("the server is shutting down", "server_shutting_down")
+            _say(f"{name}: ended {ended} video job(s) (queued or running)")
         _say(
             f"{name}: draining; {self.gate.in_flight} running request(s) may take up to "
             f"{self.timeout:g} s (--drain-timeout), new ones get 503"

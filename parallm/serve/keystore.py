@@ -108,6 +108,9 @@ _usage = sa.Table(
     sa.Column("prompt_tokens", sa.Integer(), nullable=False),
     sa.Column("completion_tokens", sa.Integer(), nullable=False),
     sa.Column("created_at", _UTCDateTime(), nullable=False),
+    # Added with video generation (POST /v1/videos bills frames, no tokens): `_add_missing_columns`
+    # adds it to older databases.
+    sa.Column("video_frames", sa.Integer(), nullable=False, server_default="0"),
     sa.Index("ix_api_usage_key_created", "key_id", "created_at"),
     sa.Index("ix_api_usage_created", "created_at"),
 )
@@ -142,6 +145,7 @@ class UsageSummary:
     prompt_tokens: int
     completion_tokens: int
     model: str | None = None  # set when summed per model
+    video_frames: int = 0  # frames of the videos generated (POST /v1/videos)
 
     @property
     def total_tokens(self) -> int:
@@ -256,11 +260,14 @@ class KeyStore:
         prompt_tokens: int,
         completion_tokens: int,
         endpoint: str,
+        video_frames: int = 0,
     ) -> None:
-        """Record one finished request; a `request_id` already recorded is refused."""
+        """Record one finished request (a video request: the frames it generated); a
+        `request_id` already recorded is refused."""
         for field, count in (
             ("prompt_tokens", prompt_tokens),
             ("completion_tokens", completion_tokens),
+            ("video_frames", video_frames),
         ):
             if isinstance(count, bool) or not isinstance(count, int) or count < 0:
                 raise UserError(f"{field}: {count!r} is not valid; must be an integer >= 0")
@@ -274,6 +281,7 @@ class KeyStore:
             endpoint=endpoint,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
+            video_frames=video_frames,
             created_at=self._clock(),
         )
         try:
@@ -307,6 +315,7 @@ class KeyStore:
                 sa.func.count().label("requests"),
                 sa.func.sum(u.prompt_tokens).label("prompt_tokens"),
                 sa.func.sum(u.completion_tokens).label("completion_tokens"),
+                sa.func.sum(u.video_frames).label("video_frames"),
             )
             .join_from(_usage, _keys, u.key_id == k.id)
             .group_by(u.key_id, k.name, k.created_at, *per_model)
@@ -326,6 +335,7 @@ class KeyStore:
                 requests=int(r.requests),
                 prompt_tokens=int(r.prompt_tokens),
                 completion_tokens=int(r.completion_tokens),
+                video_frames=int(r.video_frames),
                 model=r.model if by_model else None,
             )
             for r in rows
@@ -334,19 +344,21 @@ class KeyStore:
 
 def _add_missing_columns(engine: Engine) -> None:
     """Bring a database made by an older parallm up to the current schema: `api_keys.admin`
-    (false for the keys it has). Another process may add it at the same moment."""
-    columns = {c["name"] for c in sa.inspect(engine).get_columns("api_keys")}
-    if "admin" in columns:
-        return
+    (false for the keys it has) and `api_usage.video_frames` (0 for the requests it has).
+    Another process may add them at the same moment."""
     false = "0" if engine.dialect.name == "sqlite" else "false"
-    try:
-        with engine.begin() as conn:
-            conn.execute(
-                sa.text(f"ALTER TABLE api_keys ADD COLUMN admin BOOLEAN NOT NULL DEFAULT {false}")
-            )
-    except SQLAlchemyError:
-        if "admin" not in {c["name"] for c in sa.inspect(engine).get_columns("api_keys")}:
-            raise
+    for table, column, kind in (
+        ("api_keys", "admin", f"BOOLEAN NOT NULL DEFAULT {false}"),
+        ("api_usage", "video_frames", "INTEGER NOT NULL DEFAULT 0"),
+    ):
+        if column in {c["name"] for c in sa.inspect(engine).get_columns(table)}:
+            continue
+        try:
+            with engine.begin() as conn:
+                conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
+        except SQLAlchemyError:
+            if column not in {c["name"] for c in sa.inspect(engine).get_columns(table)}:
+                raise
 
 
 def _digest(secret: str) -> str:
@@ -460,29 +472,31 @@ def format_keys(keys: list[KeyInfo]) -> str:
 
 
 def format_usage(summaries: list[UsageSummary]) -> str:
-    """A table of per-key usage for `parallm keys usage` (a MODEL column when summed per model),
-    with a total row when there are several."""
+    """A table of per-key usage for `parallm keys usage` (a MODEL column when summed per model,
+    a VIDEO FRAMES column when videos were generated), with a total row when there are
+    several."""
     if not summaries:
         return "no usage"
     by_model = summaries[0].model is not None
+    videos = any(s.video_frames for s in summaries)
+
+    def counts(s: UsageSummary) -> list[int]:
+        numbers = [s.requests, s.prompt_tokens, s.completion_tokens, s.total_tokens]
+        return numbers + ([s.video_frames] if videos else [])
+
     rows = [
-        [
-            s.key_id,
-            s.name,
-            *([s.model or ""] if by_model else []),
-            *map(str, (s.requests, s.prompt_tokens, s.completion_tokens, s.total_tokens)),
-        ]
+        [s.key_id, s.name, *([s.model or ""] if by_model else []), *map(str, counts(s))]
         for s in summaries
     ]
     if len(summaries) > 1:
-        totals = [sum(s.requests for s in summaries), sum(s.prompt_tokens for s in summaries)]
-        totals.append(sum(s.completion_tokens for s in summaries))
+        totals = [sum(column) for column in zip(*(counts(s) for s in summaries), strict=True)]
         blank = ["", ""] if by_model else [""]
-        rows.append(["TOTAL", *blank, *map(str, (*totals, totals[1] + totals[2]))])
+        rows.append(["TOTAL", *blank, *map(str, totals)])
     headers = ["KEY", "NAME", *(["MODEL"] if by_model else [])]
     headers += ["REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS", "TOTAL TOKENS"]
-    first = len(headers) - 4
-    return _table(headers, rows, right=set(range(first, first + 4)))
+    headers += ["VIDEO FRAMES"] if videos else []
+    first = 3 if by_model else 2
+    return _table(headers, rows, right=set(range(first, len(headers))))
 
 
 def _when(t: datetime) -> str:

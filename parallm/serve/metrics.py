@@ -72,6 +72,23 @@ class Metrics:
         self.e2e = histogram(
             "parallm_e2e_request_latency_seconds", "Time from arrival to the last token"
         )
+        # Videos (POST /v1/videos), labelled with the video model's name.
+        self.video_frames = Counter(
+            "parallm_video_frames", "Frames of the videos generated", labels, registry=r
+        )
+        self.video_requests = Counter(
+            "parallm_video_requests",
+            "Finished video jobs by status (completed, failed, cancelled)",
+            [*labels, "status"],
+            registry=r,
+        )
+        self.video_e2e = Histogram(
+            "parallm_video_e2e_seconds",
+            "Time from a video job's creation to its end (queue included)",
+            labels,
+            buckets=(1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640, 1280),
+            registry=r,
+        )
         self.labels = {"model_name": model_name}
 
     def finished(
@@ -94,6 +111,12 @@ class Metrics:
             self.e2e.labels(**lb).observe(e2e)
             if completion_tokens > 1:
                 self.tpot.labels(**lb).observe((e2e - ttft) / (completion_tokens - 1))
+
+    def video_finished(self, *, model: str, status: str, frames: int, e2e: float) -> None:
+        """Account one video job that ended: `frames` generated (0 unless completed)."""
+        self.video_frames.labels(model_name=model).inc(frames)
+        self.video_requests.labels(model_name=model, status=status).inc()
+        self.video_e2e.labels(model_name=model).observe(e2e)
 
     def render(self, stats: EngineStats) -> bytes:
         for attr, gauge in self.gauges.items():

@@ -46,6 +46,7 @@ class Operation:
     ok: type[BaseModel] | None = None  # the 200 JSON body
     stream: type[BaseModel] | None = None  # the events of a 200 text/event-stream (`stream`)
     text: str | None = None  # a 200 text/plain body, described
+    video: str | None = None  # a 200 video/mp4 body, described
     errors: tuple[int, ...] = ()  # besides 401 (from `access`)
     # A body an error status may have besides OpenAI's error body.
     other_error_bodies: dict[int, type[BaseModel]] = field(default_factory=dict)
@@ -104,13 +105,42 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         ok=p.AdapterDeleted,
         errors=(400, 404, 503),
     ),
+    ("post", "/v1/videos"): Operation(
+        summary="Create a video job (OpenAI's video API; with --video-model). `seconds` or "
+        "`frames`, `size` 'WxH', `steps`, `guidance` and `seed` default to the model's; usage "
+        "is billed in generated frames (`video_frames`, once the job ends), not tokens, and a "
+        "key's rpm applies but not its tpm",
+        body=p.VideoRequest,
+        ok=p.Video,
+        errors=(400, 413, 429, 503),
+    ),
+    ("get", "/v1/videos"): Operation(
+        summary="The key's video jobs, newest first (`order`, `limit`, `after`)",
+        ok=p.VideoList,
+        errors=(400,),
+    ),
+    ("get", "/v1/videos/{video_id}"): Operation(
+        summary="A video job: queued, in_progress (with progress in percent), completed, failed",
+        ok=p.Video,
+        errors=(404,),
+    ),
+    ("get", "/v1/videos/{video_id}/content"): Operation(
+        summary="The MP4 of a completed video job (404 until it is completed)",
+        video="H.264 MP4 of the video",
+        errors=(400, 404),
+    ),
+    ("delete", "/v1/videos/{video_id}"): Operation(
+        summary="Cancel a queued or running video job, or delete a finished one and its MP4",
+        ok=p.VideoDeleted,
+        errors=(404,),
+    ),
 }
 
 _ERRORS = {
     400: "Invalid request: the message names the field (`param`) and what is valid",
     401: "Missing, unknown or revoked API key",
     403: "The key has no admin scope, or the server runs without keys (--no-auth)",
-    404: "No such model (the served model or a loaded adapter)",
+    404: "No such model (the served model or a loaded adapter), or no such video job",
     413: "Body larger than the server's --max-body-bytes",
     429: "The key's rate limit, or the server's queue, is full; retry after `Retry-After` s",
     503: "The engine has failed, or the server is shutting down (`Retry-After` while it drains)",
@@ -174,6 +204,9 @@ def _describe(operation: dict, described: Operation, *, keys: bool, metrics_auth
         ok["text/event-stream"] = {"itemSchema": _event(described.stream)}
     if described.text is not None:
         ok["text/plain"] = {"schema": {"type": "string", "description": described.text}}
+    if described.video is not None:
+        ok["video/mp4"] = {"schema": {"type": "string", "format": "binary"}}
+        ok["video/mp4"]["schema"]["description"] = described.video
     responses = {"200": _response("OK", ok)}
     errors = set(described.errors)
     needs_key = keys and (

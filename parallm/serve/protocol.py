@@ -406,3 +406,68 @@ class Draining(_Out):
     """/health while the server shuts down (503): out of rotation, running requests finish."""
 
     status: Literal["draining"]
+
+
+# -- videos (OpenAI's video API; `parallm.serve.videos`) ------------------------------------------
+
+
+class VideoRequest(_Strict):
+    """POST /v1/videos: OpenAI's create-video body (`prompt`, `model`, `seconds`, `size` "WxH")
+    and parallm's `frames` (instead of `seconds`), `steps`, `guidance` and `seed`. Left out,
+    `model` is the served video model and the rest the model's defaults."""
+
+    prompt: str
+    model: str | None = None
+    seconds: str | int | None = None  # OpenAI sends a string ("4"); frames = seconds x fps
+    frames: int | None = None
+    size: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _one_length(self) -> VideoRequest:
+        if self.seconds is not None and self.frames is not None:
+            raise ValueError("seconds: give seconds or frames, not both")
+        return self
+
+
+class VideoError(_Out):
+    code: str
+    message: str
+
+
+class Video(_Out):
+    """A video job (OpenAI's video object, plus what parallm generated it with)."""
+
+    id: str
+    object: Literal["video"]
+    status: Literal["queued", "in_progress", "completed", "failed"]
+    model: str
+    prompt: str
+    created_at: int
+    completed_at: int | None
+    expires_at: int | None
+    progress: int  # percent
+    seconds: str  # frames / fps
+    size: str  # "WxH"
+    error: VideoError | None
+    frames: int
+    fps: float
+    steps: int
+    guidance: float
+    seed: int
+
+
+class VideoList(_Out):
+    object: Literal["list"]
+    data: list[Video]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class VideoDeleted(_Out):
+    id: str
+    object: Literal["video.deleted"]
+    deleted: Literal[True]

@@ -21,6 +21,7 @@ from parallm.serve.async_engine import AsyncEngine
 from parallm.serve.config import ServerConfig
 from parallm.serve.drain import DrainGate, DrainingServer
 from parallm.serve.keystore import KeyStore
+from parallm.serve.videos import VideoLimits, VideoService
 
 
 def serve(config: ServerConfig) -> int:
@@ -32,13 +33,18 @@ def serve(config: ServerConfig) -> int:
     _check_port_free(config.host, config.port)  # before minutes of loading, not after
     adapters = _check_adapters(config)
     keystore = None if config.no_auth else KeyStore(config.db)
+    videos = _load_videos(config)  # its own process: loads while the text model does
     # One process: with tensor_parallel_size N it spawns the N - 1 workers itself.
     engine = LLMEngine(config.model, engine_config)
     try:
         for name, path in adapters.items():
             engine.add_lora(name, path, field=f"--lora {name}")
+        if videos is not None:
+            videos.wait_loaded()
     except BaseException:
         engine.close()
+        if videos is not None:
+            videos.stop()
         raise
     state = ServerState(
         engine=AsyncEngine(engine, max_waiting=config.max_waiting),
@@ -49,6 +55,7 @@ def serve(config: ServerConfig) -> int:
         max_prompt_chars=config.max_prompt_chars,
         max_n=config.max_n,
         metrics_auth=config.metrics_auth,
+        videos=videos,
     )
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     own = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
@@ -80,6 +87,25 @@ def serve(config: ServerConfig) -> int:
     if keystore is not None:
         keystore.close()
     return 1 if state.engine.error else 0
+
+
+def _load_videos(config: ServerConfig) -> VideoService | None:
+    """The video model's worker process, started (it loads the model in the background)."""
+    if config.video_model is None:
+        return None
+    limits = VideoLimits(
+        max_frames=config.max_video_frames,
+        max_pixels=config.max_video_pixels,
+        max_steps=config.max_video_steps,
+    )
+    videos = VideoService(
+        config.video_model,
+        limits=limits,
+        max_queued=config.max_waiting,
+        threads=config.video_threads,
+    )
+    videos.spawn()
+    return videos
 
 
 def _check_adapters(config: ServerConfig) -> dict[str, str]:

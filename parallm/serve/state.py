@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from parallm.inference.engine import LLMEngine
 from parallm.serve.async_engine import AsyncEngine
@@ -15,12 +15,15 @@ from parallm.serve.keystore import KeyStore
 from parallm.serve.metrics import Metrics
 from parallm.serve.ratelimit import RateLimiter
 
+if TYPE_CHECKING:
+    from parallm.serve.videos import VideoService
+
 
 @dataclass
 class ServerState:
     """What the endpoints share: the engine, the served name, the key store (None: no keys
     asked), the body limit, the model's directory, the request bounds, the shutdown state, the
-    per-key rate limiter and the metrics."""
+    per-key rate limiter, the metrics and the video model (None: none served)."""
 
     engine: AsyncEngine
     model_name: str
@@ -30,6 +33,7 @@ class ServerState:
     metrics_auth: bool = False  # /metrics needs a valid key (--metrics-auth)
     max_prompt_chars: int | None = None  # per prompt, before tokenizing; None: 16 x context
     max_n: int = 16  # largest `n` / `best_of`
+    videos: VideoService | None = None  # --video-model: /v1/videos
     # Shutting down (`parallm.serve.drain`): new requests get 503 and /health says so while
     # the running jobs (by id) finish; once `cut`, no job may start any more.
     draining: bool = False
