@@ -1,20 +1,25 @@
-"""The web chat page, end to end: a live `parallm serve --ui` (and a separate `parallm ui`) driven
-in headless Chromium. Each reply on the page must be exactly what the API answers, non-streaming,
-for the same conversation with greedy decoding; a refusal must show the server's message."""
+"""The web chat page, end to end: a live `parallm serve --ui --video-model` (and a separate
+`parallm ui`) driven in headless Chromium. Each reply on the page must be exactly what the API
+answers, non-streaming, for the same conversation with greedy decoding; a refusal must show the
+server's message; the Video tab turns a prompt into a playable video element."""
 
 from __future__ import annotations
 
+import io
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import av
 import httpx
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from parallm.testing.timeouts import scaled
 from tests.serve_helpers import free_port, running_server, save_chat_model
+from tests.test_video_pipeline import make_video_model
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(
@@ -38,9 +43,10 @@ TIMEOUT_MS = int(scaled(30) * 1000)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("ui") / "model"
-    save_chat_model(model_dir)
-    with running_server(model_dir, "--no-auth", "--ui") as url:
+    d = tmp_path_factory.mktemp("ui")
+    save_chat_model(d / "model")
+    video = make_video_model(d / "video")  # 4 frames of 8 x 8 at 8 fps by default
+    with running_server(d / "model", "--no-auth", "--ui", "--video-model", str(video)) as url:
         yield url
 
 
@@ -205,3 +211,27 @@ def test_parallm_ui_names_an_unreachable_server():
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=scaled(60))
     assert done.returncode == 2
     assert f"parallm: error: --server: cannot reach {server}" in done.stderr
+
+
+def test_the_video_tab_plays_the_generated_video(server, page):
+    open_chat(page, server + "/ui/")
+    page.get_by_role("tab", name="Video").click()
+    page.get_by_label("Video prompt").fill("a red circle moving left")
+    page.get_by_role("button", name="Generate video").click()
+    expect(page.get_by_text("completed", exact=True)).to_be_visible(timeout=TIMEOUT_MS)
+    video = page.locator("video").first
+    expect(video).to_have_attribute("src", re.compile(r"\S"), timeout=TIMEOUT_MS)
+    playable = video.evaluate("v => v.canPlayType('video/mp4; codecs=\"avc1.42E01E\"')")
+    if playable:  # a Chromium with H.264: the element has loaded it
+        page.wait_for_function(
+            "v => v.readyState >= 1 && v.duration > 0", arg=video.element_handle(),
+            timeout=TIMEOUT_MS,
+        )  # fmt: skip
+        assert video.evaluate("v => v.videoWidth") == 8
+    # Either way: what the element plays is the server's MP4 of 4 frames of 8 x 8.
+    src = video.get_attribute("src")
+    response = httpx.get(src if src.startswith("http") else server + src, timeout=scaled(30))
+    assert response.status_code == 200 and response.headers["content-type"] == "video/mp4"
+    with av.open(io.BytesIO(response.content)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 4 and frames[0].shape == (8, 8, 3)

@@ -81,7 +81,7 @@ def build_app(
     if ui_server_url is not None:
         from parallm.serve.ui import mount_ui
 
-        mount_ui(app, ui_server_url, ui_api_key)
+        mount_ui(app, ui_server_url, ui_api_key, video=state.videos is not None)
     return app
 
 

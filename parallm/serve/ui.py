@@ -1,4 +1,5 @@
-"""The web chat page: a Gradio chat that streams replies from `/v1/chat/completions`.
+"""The web chat page: a Gradio chat that streams replies from `/v1/chat/completions`, and, on a
+server with a video model, a Video tab (a prompt -> `POST /v1/videos`, polled, the MP4 shown).
 
 `parallm serve --ui` mounts it on the server at /ui (`mount_ui`); `parallm ui --server URL` serves
 it on its own (`main`). Either way the page is a plain HTTP client of the OpenAI-compatible API,
@@ -10,9 +11,12 @@ Nothing is loaded from the internet: no analytics, no web fonts.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -118,10 +122,12 @@ def _text(content: Any) -> str:
     return ""  # files and components are not sent
 
 
-def build_ui(server_url: str, api_key: str | None, model: str | None = None) -> gr.Blocks:
-    """The chat page for the server at `server_url`. `api_key` is used when the page's own
-    API key field is empty (None: no key then); `model` None is the server's first model, asked
-    at first use."""
+def build_ui(
+    server_url: str, api_key: str | None, model: str | None = None, *, video: bool = False
+) -> gr.Blocks:
+    """The chat page for the server at `server_url` (with `video`, a Video tab too). `api_key`
+    is used when the page's own API key field is empty (None: no key then); `model` None is the
+    server's first model, asked at first use."""
     chat = ChatClient(server_url, api_key, model)
     key_label = "API key (empty: the page's own)" if api_key else "API key"
 
@@ -154,7 +160,7 @@ def build_ui(server_url: str, api_key: str | None, model: str | None = None) -> 
             # box disabled; here it stays usable and Retry sends the message again.
             yield gr.ChatMessage(content=str(e), metadata={"title": "Error"})
 
-    return gr.ChatInterface(
+    chat_page = gr.ChatInterface(
         respond,
         title="parallm chat",
         additional_inputs=[
@@ -169,14 +175,25 @@ def build_ui(server_url: str, api_key: str | None, model: str | None = None) -> 
         concurrency_limit=None,
         fill_height=True,
     )
+    if not video:
+        return chat_page
+    with gr.Blocks(title="parallm", analytics_enabled=False, fill_height=True) as page:
+        with gr.Tab("Chat"):
+            chat_page.render()
+        with gr.Tab("Video"):
+            _video_tab(VideoClient(server_url, api_key), key_label)
+    return page
 
 
-def mount_ui(app: FastAPI, server_url: str, api_key: str | None, path: str = "/ui") -> FastAPI:
-    """Serve the chat page for `server_url` on `app` at `path`. `api_key` (the operator's
-    explicit --ui-api-key) is sent for users who type no key; None: each user types their own."""
+def mount_ui(
+    app: FastAPI, server_url: str, api_key: str | None, path: str = "/ui", *, video: bool = False
+) -> FastAPI:
+    """Serve the chat page for `server_url` on `app` at `path` (with its Video tab if `video`).
+    `api_key` (the operator's explicit --ui-api-key) is sent for users who type no key; None:
+    each user types their own."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # Gradio's telemetry helpers read only this
     _warn_unused_env_key(api_key, "--ui-api-key")
-    page = build_ui(server_url, api_key)
+    page = build_ui(server_url, api_key, video=video)
     return gr.mount_gradio_app(app, page, path=path, **OPTIONS)
 
 
@@ -187,7 +204,7 @@ def main(args: argparse.Namespace) -> int:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     _warn_unused_env_key(args.api_key, "--api-key")
     model = _check_server(args.server, args.api_key)
-    page = build_ui(args.server, args.api_key, model)
+    page = build_ui(args.server, args.api_key, model, video=_serves_videos(args.server))
     page.launch(server_name=args.host, server_port=args.port, show_error=True, **OPTIONS)
     return 0
 
@@ -217,3 +234,99 @@ def _check_server(server_url: str, api_key: str | None) -> str | None:
     if response.status_code != 200:
         raise UserError(f"--server: {response.url} answered {response.status_code}")
     return response.json()["data"][0]["id"] if api_key else None
+
+
+def _serves_videos(server_url: str) -> bool:
+    """Whether the server has /v1/videos (its /openapi.json, which needs no key, says so)."""
+    try:
+        response = httpx.get(server_url.rstrip("/") + "/openapi.json", timeout=10)
+        return response.status_code == 200 and "/v1/videos" in response.json().get("paths", {})
+    except (httpx.HTTPError, ValueError):
+        return False
+
+
+# -- the Video tab ----------------------------------------------------------------------------------
+
+POLL_S = 0.5
+
+
+class VideoClient:
+    """Creates a video job on `server_url`, polls it and downloads its MP4."""
+
+    def __init__(self, server_url: str, api_key: str | None) -> None:
+        self.server_url = server_url.rstrip("/")
+        self.api_key = api_key
+
+    async def generate(self, body: dict[str, Any], api_key: str | None) -> AsyncIterator[Any]:
+        """Yields the job (a dict) after each poll, then the MP4's bytes once completed;
+        `ServerError` when the server refuses or the job fails."""
+        key = api_key or self.api_key
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        url = self.server_url + "/v1/videos"
+        try:
+            async with httpx.AsyncClient(timeout=TIMEOUT, headers=headers) as client:
+                job = _answer(await client.post(url, json=body))
+                while job["status"] in ("queued", "in_progress"):
+                    yield job
+                    await asyncio.sleep(POLL_S)
+                    job = _answer(await client.get(f"{url}/{job['id']}"))
+                if job["status"] != "completed":
+                    error = job.get("error") or {}
+                    raise ServerError(f"the video failed: {error.get('message', job['status'])}")
+                yield job
+                content = await client.get(f"{url}/{job['id']}/content")
+                if content.status_code != 200:
+                    raise _server_error(content.status_code, content.text)
+                yield content.content
+        except httpx.HTTPError as e:
+            raise ServerError(f"cannot reach the server at {self.server_url}: {e}") from e
+
+
+def _answer(response: httpx.Response) -> dict[str, Any]:
+    if response.status_code != 200:
+        raise _server_error(response.status_code, response.text)
+    return response.json()
+
+
+def _video_tab(client: VideoClient, key_label: str) -> None:
+    """A prompt, the video's options and a Generate button; the video plays below it."""
+    prompt = gr.Textbox(label="Video prompt", placeholder="a red circle moving left", lines=2)
+    with gr.Accordion("Video settings", open=False):
+        size = gr.Textbox(label="Size (WIDTHxHEIGHT; empty: the model's)")
+        frames = gr.Number(label="Frames (0: the model's)", value=0, precision=0, minimum=0)
+        steps = gr.Number(label="Steps", value=30, precision=0, minimum=1)
+        guidance = gr.Number(label="Guidance", value=7.0, minimum=0)
+        seed = gr.Number(label="Seed", value=0, precision=0, minimum=0)
+        key = gr.Textbox(label=key_label, type="password")
+    button = gr.Button("Generate video", variant="primary")
+    status = gr.Markdown()
+    player = gr.Video(label="Video", interactive=False, loop=True)
+
+    async def make(
+        text: str, wxh: str, n: float, s: float, g: float, k: float, api_key: str | None
+    ) -> AsyncIterator[tuple[Any, str]]:
+        body: dict[str, Any] = {"prompt": text, "steps": int(s), "guidance": float(g)}
+        body["seed"] = int(k)
+        if (wxh or "").strip():
+            body["size"] = wxh.strip()
+        if n:
+            body["frames"] = int(n)
+        try:
+            async for got in client.generate(body, (api_key or "").strip()):
+                if isinstance(got, dict):
+                    yield None, f"{got['status']}: {got['progress']}% ({got['id']})"
+                    continue
+                # Gradio copies the file into its cache when it is yielded.
+                with tempfile.TemporaryDirectory(prefix="parallm-ui-") as d:
+                    path = Path(d) / "video.mp4"
+                    path.write_bytes(got)
+                    yield str(path), "completed"
+        except ServerError as e:
+            yield None, str(e)
+
+    button.click(
+        make,
+        inputs=[prompt, size, frames, steps, guidance, seed, key],
+        outputs=[player, status],
+        concurrency_limit=None,  # the server queues video jobs itself
+    )
