@@ -329,3 +329,22 @@ def test_usage_in_frames_older_databases_and_the_usage_table(tmp_path):
     assert (summary.requests, summary.total_tokens, summary.video_frames) == (2, 7, 16)
     assert table.splitlines()[0].endswith("TOTAL TOKENS  VIDEO FRAMES")
     assert table.splitlines()[1].split()[-2:] == ["7", "16"]
+
+
+def test_openais_client_creates_polls_and_downloads(server):
+    """OpenAI's Python SDK (which sends the create request as a multipart form) end to end."""
+    import openai
+
+    url, _, secret, _, _ = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key=secret, max_retries=0)
+    with pytest.warns(DeprecationWarning):  # the SDK marks its video methods deprecated
+        video = client.videos.create_and_poll(
+            prompt="a blue square moving up", seconds="1", size="8x8", model=VIDEO_MODEL,
+            extra_body={"steps": 2, "seed": 3}, poll_interval_ms=50,
+        )  # fmt: skip
+        assert (video.status, video.seconds, video.size) == ("completed", "1", "8x8")
+        assert (video.frames, video.steps, video.seed) == (8, 2, 3)  # parallm's fields
+        content = client.videos.download_content(video.id).read()
+    assert decode(content).shape == (8, 8, 8, 3)
+    with pytest.warns(DeprecationWarning), pytest.raises(openai.BadRequestError, match="size"):
+        client.videos.create(prompt="a blue square", size="1280x720")  # over the limit

@@ -109,7 +109,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         summary="Create a video job (OpenAI's video API; with --video-model). `seconds` or "
         "`frames`, `size` 'WxH', `steps`, `guidance` and `seed` default to the model's; usage "
         "is billed in generated frames (`video_frames`, once the job ends), not tokens, and a "
-        "key's rpm applies but not its tpm",
+        "key's rpm applies but not its tpm. The body may also be the multipart form OpenAI's SDKs "
+        "send",
         body=p.VideoRequest,
         ok=p.Video,
         errors=(400, 413, 429, 503),

@@ -93,6 +93,7 @@ def _load_videos(config: ServerConfig) -> VideoService | None:
     """The video model's worker process, started (it loads the model in the background)."""
     if config.video_model is None:
         return None
+    import_extra("av", command="serve --video-model", extra="video")
     limits = VideoLimits(
         max_frames=config.max_video_frames,
         max_pixels=config.max_video_pixels,

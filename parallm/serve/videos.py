@@ -21,6 +21,8 @@ fetched anyway.
 from __future__ import annotations
 
 import asyncio
+import email.policy
+import json
 import math
 import multiprocessing
 import os
@@ -33,6 +35,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from email.parser import BytesParser
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -439,7 +442,7 @@ async def create(request: Request) -> JSONResponse:
     state = state_of(request)
     videos = _service(state)
     key = await authorize(state, request)
-    req = parse(VideoRequest, await read_body(state, request))
+    req = _video_request(request, await read_body(state, request))
     params = videos.params(req)
     access_log.note(model=videos.name)
     if state.draining or state.cut:
@@ -449,6 +452,30 @@ async def create(request: Request) -> JSONResponse:
     job = VideoJob(f"video_{uuid.uuid4().hex}", key.id if key else None, videos.name, params)
     videos.submit(job)
     return JSONResponse(job.body())
+
+
+def _video_request(request: Request, body: bytes) -> VideoRequest:
+    """The body as JSON, or as the multipart form OpenAI's SDKs send (`client.videos.create`)."""
+    kind = request.headers.get("content-type", "")
+    if not kind.lower().startswith("multipart/form-data"):
+        return parse(VideoRequest, body)
+    head = f"Content-Type: {kind}\r\n\r\n".encode("latin-1", "replace")
+    form = BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    if not form.is_multipart():
+        raise UserError("body: not a valid multipart/form-data body")
+    fields: dict[str, Any] = {}
+    for part in form.iter_parts():
+        name = part.get_param("name", header="content-disposition") or ""
+        if part.get_filename() is not None:
+            raise UserError(f"{name}: file uploads are not supported; leave it out", param=name)
+        value = (part.get_payload(decode=True) or b"").decode("utf-8", "replace")
+        if name in ("frames", "steps", "seed") and re.fullmatch(r"-?[0-9]{1,19}", value):
+            fields[name] = int(value)
+        elif name == "guidance" and re.fullmatch(r"-?[0-9]{1,9}(\.[0-9]{0,9})?", value):
+            fields[name] = float(value)
+        else:
+            fields[name] = value
+    return parse(VideoRequest, json.dumps(fields).encode())
 
 
 def _charge_request(state: ServerState, key: KeyInfo) -> None:
