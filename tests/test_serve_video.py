@@ -113,6 +113,8 @@ def test_create_poll_content_is_the_pipelines_video_billed_in_frames(server, dir
     done = wait_for(url, secret, job["id"], ("completed", "failed"))
     assert done["status"] == "completed" and done["progress"] == 100, done
     assert done["completed_at"] >= done["created_at"]
+    metrics = httpx.get(url + "/metrics").text
+    assert f'parallm_video_frames_total{{model_name="{VIDEO_MODEL}"}} 4.0' in metrics
 
     r = httpx.get(f"{url}/v1/videos/{job['id']}/content", headers=bearer(secret))
     assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"

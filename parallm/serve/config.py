@@ -38,7 +38,8 @@ class ServerConfig:
     `video_model`: also serve a video model directory (`parallm train`'s export for task flow)
     behind /v1/videos, next to the text model (`model` is still required); a request above
     `max_video_frames`, `max_video_pixels` (width x height) or `max_video_steps` gets a 400.
-    `video_threads`: torch threads of the video worker process (default: half the cores)."""
+    `video_threads`: torch threads of the video worker process (default: half the cores); it
+    runs on `device`, as the text engine does."""
 
     model: str  # model directory (HF format)
     served_model_name: str | None = None  # the name in the API; default: `model`

@@ -103,6 +103,7 @@ def _load_videos(config: ServerConfig) -> VideoService | None:
         config.video_model,
         limits=limits,
         max_queued=config.max_waiting,
+        device=config.device,
         threads=config.video_threads,
     )
     videos.spawn()

@@ -57,11 +57,11 @@ class Cancelled(Exception):
     """The server cancelled the job being generated."""
 
 
-def load_pipeline(path: str) -> Any:
-    """The default loader: `VideoPipeline.load(path)` on the CPU."""
+def load_pipeline(path: str, device: str) -> Any:
+    """The default loader: `VideoPipeline.load(path)` on `device`."""
     from parallm.video.pipeline import VideoPipeline
 
-    return VideoPipeline.load(path)
+    return VideoPipeline.load(path, device=device)
 
 
 def model_facts(pipeline: Any) -> ModelFacts:
@@ -77,7 +77,12 @@ def model_facts(pipeline: Any) -> ModelFacts:
 
 
 def run(
-    conn: Connection, model: str, threads: int, nice: int, loader: Callable[[str], Any]
+    conn: Connection,
+    model: str,
+    device: str,
+    threads: int,
+    nice: int,
+    loader: Callable[[str, str], Any],
 ) -> None:
     """The worker process's main: load, say ready, then generate until the pipe closes."""
     try:
@@ -86,7 +91,7 @@ def run(
         import torch
 
         torch.set_num_threads(threads)
-        pipeline = loader(model)
+        pipeline = loader(model, device)
         facts = model_facts(pipeline)
     except UserError as e:
         conn.send(("error", str(e)))

@@ -124,11 +124,13 @@ class VideoService:
         name: str | None = None,
         limits: VideoLimits,
         max_queued: int = 64,
+        device: str | None = None,
         threads: int | None = None,
         nice: int = 10,
-        loader: Callable[[str], Any] = video_worker.load_pipeline,
+        loader: Callable[[str, str], Any] = video_worker.load_pipeline,
     ) -> None:
         self.model, self.name, self.limits = model, name or model, limits
+        self.device = device or "cpu"  # as the text engine's default
         self.max_queued, self.nice, self.loader = max_queued, nice, loader
         self.threads = threads or max(1, (os.cpu_count() or 2) // 2)
         self.jobs: dict[str, VideoJob] = {}  # in creation order
@@ -156,7 +158,7 @@ class VideoService:
         ours, theirs = ctx.Pipe()
         self._process = ctx.Process(
             target=video_worker.run,
-            args=(theirs, self.model, self.threads, self.nice, self.loader),
+            args=(theirs, self.model, self.device, self.threads, self.nice, self.loader),
             name="parallm-video-worker",
             daemon=True,
         )
@@ -216,6 +218,8 @@ class VideoService:
     def _handle(self, message: tuple) -> None:
         kind, job_id = message[0], message[1]
         job = self.jobs.get(job_id)
+        if job is None and kind == "done":  # deleted while its video was being written
+            (self.dir / f"{job_id}.mp4").unlink(missing_ok=True)
         if kind == "progress":
             if job is not None and job.status == "in_progress":
                 job.progress = message[2]
