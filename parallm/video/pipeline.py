@@ -206,10 +206,6 @@ class VideoPipeline:
             width // ae.spatial_factor,
         )
 
-    def frames_metered(self, prompts: int, frames: int | None = None) -> int:
-        """Frames a request generates (what the server bills): prompts x frames."""
-        return prompts * (frames or self.config.frames)
-
     @torch.no_grad()
     def generate(
         self,
