@@ -298,7 +298,7 @@ FROZEN_DTYPES = ("float32", "bfloat16")
 
 
 # The objectives in parallm/train/tasks/<name>.py; each registers itself when imported.
-BUILTIN_TASKS = ("dpo", "pretrain", "sft")
+BUILTIN_TASKS = ("dpo", "flow", "pretrain", "sft")
 
 
 def _task_names() -> list[str]:
@@ -318,6 +318,15 @@ class TaskConfig:
     sft: `packing` puts many conversations in a row (per-document attention, positions restart)
     or, when false, one per row padded to `data.seq_len + 1`; a conversation longer than that is
     cut to its first tokens (`overlong = "truncate"`) or left out (`"drop"`), and counted.
+    flow: text-to-video rectified flow (Open-Sora v1.2) on the videos of `[data]` with the
+    sizes, text encoder and autoencoder of `[video]`: timesteps drawn logit-normal
+    (`sigmoid(N(timestep_loc, timestep_scale)) * 1000`), shifted by resolution and length when
+    `timestep_shift` (Open-Sora's transform times `shift_scale`; it needs video.frames 1 or
+    >= 17), captions replaced by the null caption with probability `caption_dropout` (for
+    classifier-free guidance), a sample's first frame given as a clean condition with
+    probability `condition_frames`; the loss is the velocity's mean squared error over the
+    generated frames, averaged over samples. Data parallel, ZeRO and sequence parallel
+    (`parallel.cp`) layouts.
     dpo: preference pairs (`prompt`, `chosen`, `rejected`: strings, or message lists rendered
     with the chat template); `loss` is `sigmoid` (DPO), `ipo` (log-ratios averaged over the
     completion tokens, as TRL), or `simpo` (reference-free, length-normalised, with margin
@@ -335,6 +344,12 @@ class TaskConfig:
     loss: str = "sigmoid"
     beta: float = 0.1
     simpo_gamma: float = 0.5
+    caption_dropout: float = 0.1
+    timestep_loc: float = 0.0
+    timestep_scale: float = 1.0
+    timestep_shift: bool = False
+    shift_scale: float = 1.0
+    condition_frames: float = 0.0
 
     def __post_init__(self) -> None:
         names = _task_names()
@@ -353,6 +368,97 @@ class TaskConfig:
         )
         _check(self.loss in DPO_LOSSES, "task.loss", self.loss, f"valid: {', '.join(DPO_LOSSES)}")
         _check(self.beta > 0, "task.beta", self.beta, "must be > 0")
+        for name in ("caption_dropout", "condition_frames"):
+            value = getattr(self, name)
+            _check(0 <= value <= 1, f"task.{name}", value, "a probability in [0, 1]")
+        _check(self.timestep_scale > 0, "task.timestep_scale", self.timestep_scale, "must be > 0")
+        _check(self.shift_scale > 0, "task.shift_scale", self.shift_scale, "must be > 0")
+
+
+@dataclass(kw_only=True)
+class VideoConfig:
+    """Videos for the `flow` task and the STDiT3 model trained on them.
+
+    Every sample is `frames` frames of `height` x `width` pixels (the data is resized and
+    sampled to it) shown at `fps`. `patch` is the model's (t, h, w) patch in latent space; a size
+    that is not a multiple of it is padded, as Open-Sora pads. Captions are `caption_length`
+    tokens (longer ones are cut, and counted) of `caption_channels` features: `text_encoder` is
+    "trainable" (a small caption encoder trained inside the model, its tokenizer saved with it)
+    or a local Hugging Face T5 encoder directory (Open-Sora: T5-XXL, 4096 channels, 300 tokens);
+    `caption_cache` a directory where T5 embeddings are computed once and reused ("" none). `vae`
+    is "" to train in pixel space or a local diffusers AutoencoderKL directory, applied frame by
+    frame (latents are 8x smaller in height and width).
+    """
+
+    frames: int = 16
+    height: int = 64
+    width: int = 64
+    fps: float = 8.0
+    patch: list[int] = field(default_factory=lambda: [1, 2, 2])
+    caption_length: int = 300
+    caption_channels: int = 4096
+    text_encoder: str = "trainable"
+    caption_cache: str = ""
+    vae: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("frames", "height", "width", "caption_length", "caption_channels"):
+            value = getattr(self, name)
+            _check(value >= 1, f"video.{name}", value, "must be >= 1")
+        _check(self.fps > 0, "video.fps", self.fps, "must be > 0")
+        _check(
+            len(self.patch) == 3 and all(p >= 1 for p in self.patch),
+            "video.patch",
+            self.patch,
+            "three sizes >= 1: [t, h, w], e.g. [1, 2, 2]",
+        )
+        _check(
+            bool(self.text_encoder),
+            "video.text_encoder",
+            self.text_encoder,
+            '"trainable" or a T5 encoder directory',
+        )
+        _check(
+            not self.caption_cache or self.text_encoder != "trainable",
+            "video.caption_cache",
+            self.caption_cache,
+            'caches a T5 encoder\'s embeddings; a "trainable" text_encoder trains, so leave it ""',
+        )
+
+    @property
+    def trainable_text(self) -> bool:
+        return self.text_encoder == "trainable"
+
+    def _vae_config(self) -> dict:
+        """The VAE directory's config.json (read without torch or diffusers)."""
+        import json
+
+        path = Path(self.vae) / "config.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(
+                f"video.vae: {self.vae!r} has no readable config.json ({e}); give a local "
+                'diffusers AutoencoderKL directory, or "" for pixel space'
+            ) from None
+
+    @property
+    def channels(self) -> int:
+        """Channels the model sees: 3 in pixel space, else the VAE's latent channels."""
+        return int(self._vae_config().get("latent_channels", 4)) if self.vae else 3
+
+    @property
+    def spatial_factor(self) -> int:
+        """How much smaller latents are than frames (height and width): 1 in pixel space."""
+        if not self.vae:
+            return 1
+        return 2 ** (len(self._vae_config().get("block_out_channels", [0] * 4)) - 1)
+
+    def tokens(self, patch: tuple[int, int, int] | list[int]) -> tuple[int, int]:
+        """(T', S): patch tokens along time and per frame for `patch`, in latent space (a size
+        the patch does not divide is padded, as Open-Sora pads)."""
+        f, (pt, ph, pw) = self.spatial_factor, patch
+        return -(-self.frames // pt), -(-self.height // f // ph) * -(-self.width // f // pw)
 
 
 @dataclass(kw_only=True)
@@ -418,6 +524,7 @@ class JobConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

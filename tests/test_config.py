@@ -43,7 +43,7 @@ def test_toml_then_overrides_with_types(tmp_path):
         ("", ["--train.steps", "1.5"], "train.steps: expected int"),
         ("", ["--train.steps", "0"], "train.steps: 0 is not valid; must be >= 1"),
         ("", ["--train.micro_batch_size", "3"], "must divide train.batch_size=8"),
-        ("", ["--model.architecture", "gpt2"], "valid: llama, mistral, qwen2, qwen3"),
+        ("", ["--model.architecture", "gpt2"], "valid: STDiT3, llama, mistral, qwen2, qwen3"),
         ("", ["--model.n_kv_heads", "3"], "must divide model.n_heads=8"),
         ("", ["--checkpoint.export_hf", "maybe"], "expected true or false"),
         ("", ["--train.lr"], "has no value"),

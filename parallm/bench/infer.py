@@ -38,7 +38,7 @@ INFER_SHAPES = {
 
 def random_model_dir(shape: str, out: Path, dtype: torch.dtype) -> Path:
     """A HF directory with random weights of `shape` (made once, then reused)."""
-    from parallm.config import ModelConfig
+    from parallm.config import JobConfig, ModelConfig
     from parallm.models.build import init_weights
     from parallm.models.hf import save_pretrained
     from parallm.models.registry import family
@@ -52,7 +52,7 @@ def random_model_dir(shape: str, out: Path, dtype: torch.dtype) -> Path:
     # The shapes are `[model]` fields, as `bench train` uses them.
     mcfg = ModelConfig(**INFER_SHAPES[shape])
     spec = family(mcfg.architecture)
-    model = spec.build(spec.args_from_config(mcfg, mcfg.vocab_size), device="cpu")
+    model = spec.build(spec.args_from_config(JobConfig(model=mcfg), mcfg.vocab_size), device="cpu")
     init_weights(model, 0)
     # The prompts are random ids, so any tokenizer serves; ids it lacks decode to nothing.
     tokenizer = train_bpe_tokenizer(iter(["def f(x):\n    return x + 1\n"] * 8), 300)

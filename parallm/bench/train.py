@@ -154,7 +154,7 @@ def sft_workload(args: argparse.Namespace, out: Path) -> tuple[Path, Path]:
     BPE tokenizer trained on the conversations, with parallm's chat template."""
     import itertools
 
-    from parallm.config import ModelConfig
+    from parallm.config import JobConfig, ModelConfig
     from parallm.models.build import init_weights
     from parallm.models.hf import save_pretrained
     from parallm.models.registry import family
@@ -170,7 +170,7 @@ def sft_workload(args: argparse.Namespace, out: Path) -> tuple[Path, Path]:
     tok = train_bpe_tokenizer(texts, mcfg.vocab_size)
     tok.config["chat_template"] = DEFAULT_CHAT_TEMPLATE
     spec = family(mcfg.architecture)
-    margs = spec.args_from_config(mcfg, mcfg.vocab_size)
+    margs = spec.args_from_config(JobConfig(model=mcfg), mcfg.vocab_size)
     margs.bos_token_id, margs.eos_token_id = tok.bos_token_id, tok.eos_token_id
     margs.pad_token_id = tok.pad_token_id
     model = spec.build(margs, device="cpu")

@@ -155,6 +155,12 @@ def _wait(works: list) -> None:
         work.wait()
 
 
+def _is_full(spec, length: int) -> bool:
+    """Every query sees every key (bidirectional, one document, no window that bites): no
+    positions or mask are needed."""
+    return not spec.causal and not spec.documents and (spec.window is None or spec.window >= length)
+
+
 # ---------------------------------------------------------------------------------------------
 # Ulysses
 
@@ -182,6 +188,9 @@ class UlyssesAttention:
         if cp > 1:
             q, k, v = (_seq_to_heads(x, self.group, cp) for x in (q, k, v))  # (B, T, H/cp, D)
         b = q.shape[0]
+        if _is_full(attn.spec, q.shape[1]):  # q holds all T tokens now
+            out = sdpa(q, k, v, None, causal=False)  # every key: no positions, no mask
+            return _heads_to_seq(out, self.group, cp) if cp > 1 else out
         # (cp, B, T_local) -> (B, T), in all-to-all order
         pos, docs = (
             None if x is None else x.permute(1, 0, 2).reshape(b, -1)
@@ -192,8 +201,9 @@ class UlyssesAttention:
         )
         whole = AttentionInputs(pos, attn.spec, docs)
         t = pos.shape[1]
-        in_order = torch.equal(pos, torch.arange(t, device=pos.device).expand_as(pos))
-        if in_order and whole.is_causal_in_order(t):
+        if torch.equal(pos, torch.arange(t, device=pos.device).expand_as(pos)) and (
+            whole.is_causal_in_order(t)
+        ):
             out = sdpa(q, k, v, None)  # the fused causal kernel
         else:
             out = sdpa(q, k, v, whole.mask())
@@ -210,8 +220,10 @@ def _finite(lse: torch.Tensor) -> torch.Tensor:
 
 
 def _block_scores(q, k, mask, scale) -> torch.Tensor:
-    """Masked scores (B, H, Tq, Tk) from q (B, H, Tq, D) and k (B, H, Tk, D)."""
-    return (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    """Masked scores (B, H, Tq, Tk) from q (B, H, Tq, D) and k (B, H, Tk, D); mask None: all
+    visible."""
+    scores = q @ k.transpose(-1, -2) * scale
+    return scores if mask is None else scores.masked_fill(~mask, float("-inf"))
 
 
 def _kv_block(kv: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,8 +239,11 @@ def _sum_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.view(b, h // groups, groups, t, d).sum(2)
 
 
-def _block_mask(q_pos, kv_pos, q_doc, kv_doc, spec, j: int) -> torch.Tensor:
-    """The mask (B, 1, Tq, Tk) of the local queries against rank j's key block."""
+def _block_mask(q_pos, kv_pos, q_doc, kv_doc, spec, j: int) -> torch.Tensor | None:
+    """The mask (B, 1, Tq, Tk) of the local queries against rank j's key block; None when every
+    query sees every key (bidirectional attention: no mask is built)."""
+    if _is_full(spec, q_pos.shape[1] * kv_pos.shape[0]):
+        return None
     return attention_mask(q_pos, kv_pos[j], spec, q_doc, None if kv_doc is None else kv_doc[j])
 
 
@@ -246,7 +261,9 @@ class _RingAttentionFn(torch.autograd.Function):
             if step < cp - 1:  # fetch the next block while this one is computed
                 next_kv, works = _ring_shift(kv, group, rank, cp)
             mask = _block_mask(q_pos, kv_pos, q_doc, kv_doc, spec, (rank - step) % cp)
-            if mask.any():  # blocks entirely in the future of every query cost nothing
+            if (
+                mask is None or mask.any()
+            ):  # blocks entirely in the future of every query cost nothing
                 kb, vb = _kv_block(kv, groups)
                 s = _block_scores(qf, kb, mask, scale)
                 blk_lse = torch.logsumexp(s, dim=-1)  # (B, Hq, Tq)
@@ -279,7 +296,7 @@ class _RingAttentionFn(torch.autograd.Function):
             if step < cp - 1:
                 next_kv, works = _ring_shift(kv, group, rank, cp)
             mask = _block_mask(q_pos, kv_pos, *ctx.docs, ctx.spec, (rank - step) % cp)
-            if mask.any():  # the same blocks as the forward skipped
+            if mask is None or mask.any():  # the same blocks as the forward skipped
                 kb, vb = _kv_block(kv, groups)
                 p = torch.exp(_block_scores(qf, kb, mask, scale) - lse)  # (B, Hq, Tq, Tk)
                 ds = p * (do @ vb.transpose(-1, -2) - dsum)

@@ -19,7 +19,12 @@ import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
@@ -39,6 +44,17 @@ from parallm.models.build import tie_weights
 from parallm.models.lora import LoraLinear
 from parallm.models.plan import TP, ParallelPlan
 from parallm.models.registry import family_of_model
+
+
+def blocks(model: nn.Module) -> list[tuple[nn.ModuleDict, str, nn.Module]]:
+    """Every repeated block of `model` as (its container, its name there, the block), over the
+    plan's block containers in order (one `layers`, or STDiT's spatial and temporal blocks)."""
+    plan = family_of_model(model).plan
+    out = []
+    for container in plan.containers:
+        layers = getattr(model, container)
+        out += [(layers, name, block) for name, block in layers.items()]
+    return out
 
 
 def _style(tp: TP, *, loss_parallel: bool) -> ParallelStyle:
@@ -93,7 +109,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, loss_parallel: bool = Tru
     _prepare_stage_boundaries(model, plan, tp_mesh)
     tie_weights(model)  # both halves shard alike, so one parameter still serves
 
-    for block in getattr(model, plan.layers).values():
+    for _, _, block in blocks(model):
         styles: dict[str, ParallelStyle] = {}
         for name, arity in plan.gather_inputs.items():
             rest = (None,) * (arity - 1)
@@ -168,8 +184,7 @@ def apply_ac(model: nn.Module, mode: str) -> None:
     assert mode in AC_MODES, mode
     if mode == "none":
         return
-    layers = getattr(model, family_of_model(model).plan.layers)
-    for name, block in list(layers.items()):
+    for layers, name, block in blocks(model):
         if mode == "full":
             wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
         else:
@@ -183,7 +198,7 @@ def apply_ac(model: nn.Module, mode: str) -> None:
 
 def apply_compile(model: nn.Module) -> None:
     """`torch.compile` each block in place (parameter names are unchanged)."""
-    for block in getattr(model, family_of_model(model).plan.layers).values():
+    for _, _, block in blocks(model):
         block.compile(fullgraph=False)
 
 
@@ -208,8 +223,12 @@ def apply_fsdp(
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     reshard = zero_stage == 3
-    for block in getattr(model, family_of_model(model).plan.layers).values():
+    for _, _, block in blocks(model):
         fully_shard(block, reshard_after_forward=reshard, **kwargs)
     # The root holds the embeddings, final norm and head (whichever this stage has); it is
     # resharded at the end of backward regardless, so there is nothing to gain by keeping it.
     fully_shard(model, reshard_after_forward=False, **kwargs)
+    if hasattr(model, "forward_tokens"):
+        # A video model is called through this method (its sharded output), not `forward`:
+        # FSDP gathers the root's parameters around it as around a forward.
+        register_fsdp_forward_method(model, "forward_tokens")

@@ -50,7 +50,8 @@ class ParallelPlan:
     """Tensor-parallel styles by module name, and the pipeline cut.
 
     `top`: modules outside the repeated blocks; `block`: module names relative to one block of
-    `layers` (a `ModuleDict`). `gather_inputs`: block submodules whose sequence-sharded first input is
+    `layers` (a `ModuleDict`, or a tuple of them: STDiT's spatial and temporal blocks; activation
+    checkpointing, compile and FSDP wrap the blocks of each). `gather_inputs`: block submodules whose sequence-sharded first input is
     all-gathered before they run (attention, MLP), with their number of positional inputs. A module named in the plan that a model (or a
     pipeline stage) does not have is skipped. `first_stage` / `last_stage`: the top modules only
     the first / last pipeline stage keeps (the others set them to None). `tp_divides(args)`:
@@ -60,17 +61,23 @@ class ParallelPlan:
     top: dict[str, TP]
     block: dict[str, TP]
     gather_inputs: dict[str, int] = field(default_factory=dict)
-    layers: str = "layers"
+    layers: str | tuple[str, ...] = "layers"
     first_stage: tuple[str, ...] = ()
     last_stage: tuple[str, ...] = ()
     tp_divides: Callable[[Any], dict[str, int]] = field(default=lambda args: {})
 
+    @property
+    def containers(self) -> tuple[str, ...]:
+        """The names of the block containers (`layers` as a tuple)."""
+        return (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
+
     def style_of(self, module_name: str) -> TP | None:
         """The style of a module given by its name in the model (`layers.3.mlp.up_proj`)."""
-        prefix = f"{self.layers}."
-        if module_name.startswith(prefix):
-            _, _, rel = module_name[len(prefix) :].partition(".")
-            return self.block.get(rel)
+        for container in self.containers:
+            prefix = f"{container}."
+            if module_name.startswith(prefix):
+                _, _, rel = module_name[len(prefix) :].partition(".")
+                return self.block.get(rel)
         return self.top.get(module_name)
 
     def sharded_dim(self, param_name: str) -> int | None:

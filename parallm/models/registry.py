@@ -61,7 +61,7 @@ class FamilySpec:
     logits. `initial_value(name, shape, args, seed)` is a parameter's fresh value (float32, CPU),
     a function of seed and name only; `tied(args)` maps a parameter name to the one whose value
     it shares (a tied output head). `flops_per_token(args, seq_len)`: training FLOPs.
-    `args_from_config(model_cfg, vocab_size)`: a fresh model's args from the `[model]` section.
+    `args_from_config(job_cfg, vocab_size)`: a fresh model's args from the job config (its `[model]`, and `[video]` for a video family).
     """
 
     name: str

@@ -293,13 +293,20 @@ class PackedDataLoader:
         self.dp_rank, self.local_batch_size = dp_rank, local
         self.consumed = 0
 
-    def next_rows(self) -> torch.Tensor:
+    def next_rows(self) -> torch.Tensor | dict[str, torch.Tensor]:
         """This rank's slice of the next global batch: (local batch, seq_len + 1) token ids, or
-        (local batch, C, seq_len + 1) from a `RowDataset` (a task turns them into a batch)."""
+        (local batch, C, seq_len + 1) from a `RowDataset` (a task turns them into a batch). A
+        dataset with a `collate(samples)` (videos) makes the batch itself: a dict of tensors,
+        to which `sample_index` (local batch,) adds each sample's global index (what seeds its
+        noise, the same on every layout)."""
         first = self.consumed + self.dp_rank * self.local_batch_size
-        rows = np.stack([self.dataset.sample(first + i) for i in range(self.local_batch_size)])
+        samples = [self.dataset.sample(first + i) for i in range(self.local_batch_size)]
         self.consumed += self.global_batch_size
-        return torch.from_numpy(rows.astype(np.int64))
+        if hasattr(self.dataset, "collate"):
+            batch = dict(self.dataset.collate(samples))
+            batch["sample_index"] = torch.arange(first, first + self.local_batch_size)
+            return batch
+        return torch.from_numpy(np.stack(samples).astype(np.int64))
 
     def state_dict(self) -> dict[str, int]:
         return {"consumed": self.consumed, "num_samples": len(self.dataset)}

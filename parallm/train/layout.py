@@ -1,7 +1,8 @@
 """Build this rank's share of the model for a layout: stages, shards, backends, weights.
 
 The order is the one documented in `distributed/parallelize.py`: pipeline cutting first (on
-`meta`), then tensor parallel (the family's plan), context parallel (an attention backend),
+`meta`), then tensor parallel (the family's plan), context parallel (an attention backend; a
+video model also gets its spatial shard),
 activation checkpointing, compile, FSDP; only then are the weights materialised, each parameter
 from its full value one at a time (fresh init or a HF checkpoint), keeping the local shard.
 """
@@ -114,6 +115,10 @@ def _parallelize(
         part.default_backend = cp.context_parallel_backend(
             pcfg.cp_mode, dims.mesh["cp"].get_group()
         )
+        if hasattr(part, "spatial_shard"):
+            # A video model splits its own spatial tokens (sequence parallelism); the step
+            # leaves its batches whole.
+            part.spatial_shard = (dims.coordinate("cp"), dims.cp)
     parallelize.apply_ac(part, pcfg.activation_checkpoint)
     if pcfg.compile:
         parallelize.apply_compile(part)

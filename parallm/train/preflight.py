@@ -47,7 +47,7 @@ def model_args_from_config(cfg: JobConfig, vocab_size: int):
     m = cfg.model
     if m.path is not None:
         return read_args(m.path)
-    return family(m.architecture).args_from_config(m, vocab_size)
+    return family(m.architecture).args_from_config(cfg, vocab_size)
 
 
 def preflight(cfg: JobConfig, world_size: int, *, resume: str = "auto", args=None) -> Preflight:
@@ -61,14 +61,14 @@ def preflight(cfg: JobConfig, world_size: int, *, resume: str = "auto", args=Non
     _check_resume(cfg, resume)
     from parallm.train.tasks import make_task
 
-    task = make_task(cfg.task)
+    task = make_task(cfg.task, job=cfg)
     task.check_layout(dims)  # e.g. DPO refuses pipeline and context parallelism
     _check_task(cfg, task)
     vocab_known = args is not None or cfg.model.path is not None or bool(cfg.model.vocab_size)
     if args is None:
         args = model_args_from_config(cfg, cfg.model.vocab_size or 1)
     n_stages = pipeline_stages(cfg, dims)
-    check_model(cfg, dims, args, vocab_known=vocab_known)
+    check_model(cfg, dims, args, vocab_known=vocab_known, task=task)
     if cfg.lora.enabled:
         from parallm.models.peft_format import start_adapter
 
@@ -89,11 +89,20 @@ def pipeline_stages(cfg: JobConfig, dims: ParallelDims) -> int:
     return dims.pp * stages_per_rank(p.pp_schedule, p.pp_virtual_stages)
 
 
-def check_model(cfg: JobConfig, dims: ParallelDims, args, *, vocab_known: bool = True) -> None:
-    """The model's sizes against the layout and the sequence length (the vocabulary's only when
+def check_model(
+    cfg: JobConfig, dims: ParallelDims, args, *, vocab_known: bool = True, task=None
+) -> None:
+    """The model against the task (`task.check_model`: a language task refuses a video model
+    and the other way round; the video task checks its sizes against the layout), and a language
+    model's sizes against the layout and the sequence length (the vocabulary's only when
     `vocab_known`)."""
     from parallm.models.registry import family_of_args
+    from parallm.train.tasks import make_task
 
+    task = task if task is not None else make_task(cfg.task, job=cfg)
+    task.check_model(args, dims)
+    if task.model_shards_tokens:  # a video model: the task checked its tokens and heads
+        return
     facts = family_of_args(args).facts(args)
     if cfg.data.seq_len > facts.max_seq_len:
         raise UserError(

@@ -119,13 +119,7 @@ class StepRunner:
             rows = batch.loss_mask  # (B, T)
             batch = dataclasses.replace(batch, labels=batch.labels[rows][None])  # (1, N)
         with self._autocast_ctx():
-            logits = self.model.parts[0](
-                batch.input_ids,
-                batch.position_ids,
-                batch.document_ids,
-                attention=batch.attention,
-                logit_rows=rows,
-            )
+            logits = self.task.forward(self.model.parts[0], batch, logit_rows=rows)
         return self._loss(logits, batch)
 
     @torch.no_grad()
@@ -140,9 +134,7 @@ class StepRunner:
         else:
             weights = self._trainable_set_to(ref.start)
         with weights, self._loss_ctx(), self._autocast_ctx():
-            logits = model(
-                batch.input_ids, batch.position_ids, batch.document_ids, attention=batch.attention
-            )
+            logits = self.task.forward(model, batch)
             extras = self.task.reference_extras(logits, batch)
         if ref.model is not self.model or ref.start is not None:
             # ZeRO-1/2 keep parameters gathered after forward until backward reshards them: a
@@ -176,6 +168,8 @@ class StepRunner:
         returns the global count."""
         count = torch.stack([self.task.count(b) for b in micro_batches]).sum().float()
         d = self.dims
+        if self.task.model_shards_tokens:
+            count = count / d.cp  # each cp rank holds 1/cp of every unit's tokens
         if dist.is_initialized() and d.dp * d.cp > 1:
             count = count.reshape(1).clone()
             dist.all_reduce(count, group=d.mesh["dp_cp"].get_group())
@@ -202,11 +196,12 @@ class StepRunner:
         return micro_batches
 
     def _prepare(self, batch: Batch) -> Batch:
-        """On this device, and this rank's part of every sequence under context parallelism."""
+        """On this device, and this rank's part of every sequence under context parallelism
+        (unless the model shards its tokens itself)."""
         batch = batch.to(self.device)
         if batch.position_ids is None:  # the global positions, before they are sharded
             batch.position_ids = batch.positions()
-        if self.dims.cp == 1:
+        if self.dims.cp == 1 or self.task.model_shards_tokens:
             return batch
         from parallm.distributed.context_parallel import shard_sequence
 

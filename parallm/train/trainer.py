@@ -48,7 +48,7 @@ from parallm.train.optim import Optimizers, lr_at
 from parallm.train.preflight import check_model, model_args_from_config, preflight
 from parallm.train.signals import StopSignals
 from parallm.train.step import Reference, StepRunner
-from parallm.train.tasks import make_task
+from parallm.train.tasks import make_task, task_class
 from parallm.utils.fs import write_json_atomic, write_text_atomic
 
 
@@ -113,7 +113,15 @@ class Trainer:
 
         d, t = cfg.data, cfg.train
         files = self.preflight.files
-        if d.random_tokens:
+        dataset = None
+        if not task_class(cfg.task.name).uses_tokenizer:
+            # A task that reads its own inputs (video): its data first, since the caption
+            # encoder's vocabulary (a model size) is learnt from the captions.
+            self.tokenizer = None
+            self.task = make_task(cfg.task, job=cfg)
+            dataset = self._build_dataset(files, None)
+            args = model_args_from_config(cfg, self._task_vocab(dataset))
+        elif d.random_tokens:
             self.tokenizer = None
             args = model_args_from_config(cfg, cfg.model.vocab_size or 0)
         else:
@@ -123,7 +131,8 @@ class Trainer:
                 args.bos_token_id = self.tokenizer.bos_token_id
                 args.eos_token_id = self.tokenizer.eos_token_id
                 args.pad_token_id = self.tokenizer.pad_token_id
-        self.task = make_task(cfg.task, tokenizer=self.tokenizer)
+        if dataset is None:
+            self.task = make_task(cfg.task, tokenizer=self.tokenizer, job=cfg)
         self._validate(args)
         self.args = args
         self.lora = cfg.lora.spec()
@@ -150,7 +159,8 @@ class Trainer:
         self.optimizer = Optimizers(
             self.model.parts, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.eps
         )
-        dataset = self._build_dataset(files, args)
+        if dataset is None:
+            dataset = self._build_dataset(files, args)
         self.held_out = None
         if d.eval_fraction > 0:
             dataset, self.held_out = dataset.split(d.eval_fraction)
@@ -171,13 +181,14 @@ class Trainer:
             autocast=autocast,
             reference=self.reference,
         )
+        self.tokens_per_sample, attention_len = self.task.sample_tokens(args, d)
         self._log_start(files, dataset)
         self.step = 0
         if self.resume_from is not None:
             self._resume(self.resume_from)
         if self.rank == 0:
             write_text_atomic(self.out / "config.toml", config_to_toml(cfg))
-        self.flops_per_token = flops_per_token(args, d.seq_len)
+        self.flops_per_token = flops_per_token(args, attention_len)
         self.peak_flops = device_peak_flops(self.device)
 
     def log(self, message: str) -> None:
@@ -196,7 +207,7 @@ class Trainer:
         the model and the task. No communication, so a bad job fails on every rank alike."""
         cfg = self.cfg
         facts = family_of_args(args).facts(args)
-        check_model(cfg, self.dims, args)
+        check_model(cfg, self.dims, args, task=self.task)
         if self.tokenizer is not None and facts.vocab_size < self.tokenizer.vocab_size:
             raise UserError(
                 f"model.vocab_size: {facts.vocab_size} is smaller than the tokenizer's "
@@ -274,6 +285,23 @@ class Trainer:
             self.log(self.task.data_summary)
         return dataset
 
+    def _task_vocab(self, dataset) -> int:
+        """The video task's caption vocabulary: with the trainable caption encoder, its
+        tokenizer is learnt from the dataset's captions by rank 0 (or reused from an earlier
+        run of this job) and read by every rank; 0 with T5 embeddings."""
+        task, saved = self.task, self.out / "caption_tokenizer"
+        if self.cfg.video.trainable_text:
+            from parallm.video.text import CAPTION_TOKENIZER_FILE
+
+            if self.cfg.model.path is not None:  # fine-tuning: the model's own tokenizer
+                saved = Path(self.cfg.model.path)
+            elif self.rank == 0 and not (saved / CAPTION_TOKENIZER_FILE).exists():
+                task.train_caption_tokenizer(dataset.captions, saved)
+            if self.world > 1:
+                dist.barrier()
+        self.log(task.use_captions(dataset.captions, saved))
+        return task.caption_vocab_size
+
     def _build_tokenizer(self, files: list[Path]) -> Tokenizer:
         cfg = self.cfg
         saved = self.out / "tokenizer"
@@ -300,7 +328,7 @@ class Trainer:
         cfg, args, d = self.cfg, self.args, self.dims
         facts = family_of_args(args).facts(args)
         self.log(
-            f"model: {getattr(args, 'architecture', type(args).__name__)}, "
+            f"model: {getattr(args, 'architecture', family_of_args(args).model_types[0])}, "
             f"{facts.num_params / 1e6:.2f}M parameters "
             f"({facts.num_params_no_embed / 1e6:.2f}M without embeddings) on "
             f"{self.world} x {self.device.type}; task: {cfg.task.name} "
@@ -322,11 +350,19 @@ class Trainer:
                 what = "the policy with its starting adapter and saved modules"
             self.log(f"reference: {what}")
         epochs = cfg.train.steps * cfg.train.batch_size / len(dataset)
-        self.log(
-            f"data: {f'{len(files)} files' if files else 'random token ids'}, {dataset.num_tokens:,} tokens -> {len(dataset):,} "
-            f"samples of {cfg.data.seq_len} tokens; {cfg.train.steps} steps x "
-            f"{cfg.train.batch_size} samples = {epochs:.2f} epochs"
-        )
+        steps = f"{cfg.train.steps} steps x {cfg.train.batch_size} samples = {epochs:.2f} epochs"
+        if hasattr(dataset, "num_tokens"):
+            self.log(
+                f"data: {f'{len(files)} files' if files else 'random token ids'}, "
+                f"{dataset.num_tokens:,} tokens -> {len(dataset):,} samples of "
+                f"{cfg.data.seq_len} tokens; {steps}"
+            )
+        else:
+            v = cfg.video
+            self.log(
+                f"data: {len(files)} files -> {len(dataset):,} samples of {v.frames} x "
+                f"{v.height} x {v.width} ({self.tokens_per_sample:,} patch tokens each); {steps}"
+            )
         mine = state_bytes(self.model)
         every = [mine]
         if self.world > 1:
@@ -420,7 +456,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
-        tokens = t.batch_size * self.cfg.data.seq_len
+        tokens = t.batch_size * self.tokens_per_sample
         record: dict[str, Any] = {
             "step": self.step,
             "loss": loss,
@@ -522,6 +558,7 @@ class Trainer:
         state = self.full_state_dict()
         if state is not None:
             save_state_dict(state, self.args, path, tokenizer=self.tokenizer)
+            self.task.export_extras(path)
         if self.world > 1:
             dist.barrier()
         return path
@@ -539,7 +576,13 @@ class Trainer:
         return path
 
     def sample(self) -> str:
-        """Generate a sample from `[generate]` settings with the exported weights (rank 0)."""
+        """Generate a sample from `[generate]` settings with the exported weights (rank 0); a
+        task without a tokenizer (video) has no text sample: a line saying how to generate."""
+        if self.tokenizer is None:
+            return (
+                f"(no text sample for task {self.cfg.task.name!r}; generate with "
+                f"parallm video generate --model {self.out / 'hf'})"
+            )
         g = self.cfg.generate
         opts = SamplingParams(
             max_tokens=g.max_tokens,

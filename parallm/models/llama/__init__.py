@@ -33,8 +33,9 @@ def _tied(args: ModelArgs) -> dict[str, str]:
     return {"lm_head.weight": "embed_tokens.weight"} if args.tie_embeddings else {}
 
 
-def _args_from_config(m, vocab_size: int) -> ModelArgs:
-    """A fresh model from the `[model]` section (`model.architecture` is the model type)."""
+def _args_from_config(cfg, vocab_size: int) -> ModelArgs:
+    """A fresh model from the job's `[model]` section (`model.architecture` is the model type)."""
+    m = cfg.model
     return ModelArgs(
         architecture=m.architecture,
         vocab_size=m.vocab_size or vocab_size,

@@ -10,6 +10,12 @@ before the step. So a task only says what one unit's loss is, and every layout c
 single-process loss, whatever each rank holds. A task that scores the policy against a frozen
 reference (DPO) says so (`needs_reference`): the step runs the reference on each batch first and
 the task keeps what it needs of its logits in `Batch.extras`.
+
+A task may own the model call (`forward`: by default the language model's call on the token
+tensors). One whose model splits its own tokens over the context-parallel ranks (the video
+diffusion task: the layout tells the model its spatial shard) sets `model_shards_tokens`; its
+batches carry their tensors in `extras` with empty (B, 0) token tensors, and the step counts each
+rank's share 1/cp of every unit.
 """
 
 from __future__ import annotations
@@ -108,10 +114,29 @@ class Task(ABC):
     # The loss reads only the logits of tokens with a label: the step may then compute the
     # output head at those positions alone, as (1, N, vocab) with `labels` (1, N) to match.
     labelled_logits_only: bool = False
+    # Trains with the `[tokenizer]` (a language task); False: the task reads its own inputs
+    # (the video task's captions go through `[video] text_encoder`).
+    uses_tokenizer: bool = True
+    # The model splits each sample's tokens over the context-parallel ranks itself (the layout
+    # sets its shard): the step leaves the batch whole on every cp rank and counts each rank's
+    # share 1/cp of every unit, so the global count is the number of units.
+    model_shards_tokens: bool = False
 
-    def __init__(self, cfg, *, tokenizer=None) -> None:
+    def __init__(self, cfg, *, tokenizer=None, job=None) -> None:
         self.cfg = cfg  # the `[task]` section
         self.tokenizer = tokenizer  # None when training on random token ids
+        self.job = job  # the whole JobConfig, for a task that reads other sections (`[video]`)
+
+    def forward(self, model, batch: Batch, *, logit_rows: torch.Tensor | None = None):
+        """The model's output on `batch` (what `loss_sum` scores): a language model's logits
+        (B, T, vocab), or (1, N, vocab) at `logit_rows` (B, T) only."""
+        return model(
+            batch.input_ids,
+            batch.position_ids,
+            batch.document_ids,
+            attention=batch.attention,
+            logit_rows=logit_rows,
+        )
 
     def dataset(self, files: list[Path], data_cfg, *, seed: int) -> PackedDataset | RowDataset:
         """What this task trains on, from the data files (`[data]`): by default the packed
@@ -149,6 +174,28 @@ class Task(ABC):
     def check_layout(self, dims) -> None:
         """A UserError, before anything is built, for a layout (`ParallelDims`) this task
         cannot run on; every layout by default."""
+        return None
+
+    def sample_tokens(self, args, data_cfg) -> tuple[int, int]:
+        """(tokens one sample trains on, the attention's length) for throughput and FLOPs:
+        `data.seq_len` both for a language task."""
+        return data_cfg.seq_len, data_cfg.seq_len
+
+    def check_model(self, args, dims) -> None:
+        """A UserError, before anything is built, for a model (its args) this task cannot train
+        on this layout. A language task refuses a video model (one with `forward_tokens`)."""
+        from parallm.models.registry import family_of_args
+
+        spec = family_of_args(args)
+        if hasattr(spec.model_cls, "forward_tokens"):
+            raise UserError(
+                f"task.name: {self.name!r} trains a language model, but model.architecture "
+                f"{spec.model_types[0]!r} is not one (its task is 'flow')"
+            )
+
+    def export_extras(self, path: Path) -> None:
+        """Write what the task adds to the exported model directory `path` (rank 0), beside
+        the weights: nothing by default (the trainer saves the tokenizer)."""
         return None
 
     def needs_reference(self) -> bool:
@@ -190,8 +237,13 @@ def task_names() -> list[str]:
     return sorted(TASKS)
 
 
-def make_task(cfg, *, tokenizer=None) -> Task:
-    """The task `cfg.name` names (the `[task]` section), or a UserError listing the known ones."""
-    if cfg.name not in task_names():
-        raise UserError(f"task.name: {cfg.name!r} is not valid; valid: {', '.join(task_names())}")
-    return TASKS[cfg.name](cfg, tokenizer=tokenizer)
+def task_class(name: str) -> type[Task]:
+    """The task class registered as `name`, or a UserError listing the known ones."""
+    if name not in task_names():
+        raise UserError(f"task.name: {name!r} is not valid; valid: {', '.join(task_names())}")
+    return TASKS[name]
+
+
+def make_task(cfg, *, tokenizer=None, job=None) -> Task:
+    """The task `cfg.name` names (the `[task]` section; `job`: the whole JobConfig)."""
+    return task_class(cfg.name)(cfg, tokenizer=tokenizer, job=job)
