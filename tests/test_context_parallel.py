@@ -40,14 +40,14 @@ def _attention_errors(
     grad_out = torch.randn(b, t, hq, d)
     pos = torch.arange(t).expand(b, t)
     errors = {}
-    for window in windows:
+    # Causal with and without a window, and bidirectional (STDiT's spatial attention: the
+    # backends take no mask) with and without one.
+    cases = [(causal, window) for causal in (True, False) for window in windows]
+    for causal, window in cases:
+        spec = AttentionSpec(causal=causal, window=window)
         q, k, v = (x.clone().requires_grad_() for x in full)
-        ref = sdpa(
-            q,
-            k,
-            v,
-            None if window is None else attention_mask(pos, pos, AttentionSpec(window=window)),
-        )
+        mask = None if window is None else attention_mask(pos, pos, spec)
+        ref = sdpa(q, k, v, mask, causal=causal)
         ref.backward(grad_out)
         for load_balance in layouts:
 
@@ -55,11 +55,11 @@ def _attention_errors(
                 return shard_sequence(x, rank, cp, load_balance=lb)
 
             lq, lk, lv = (shard(x.detach()).requires_grad_() for x in (q, k, v))
-            attn = AttentionInputs(shard(pos), AttentionSpec(window=window))
+            attn = AttentionInputs(shard(pos), spec)
             out = backend(lq, lk, lv, layer_idx=0, attn=attn)
             out.backward(shard(grad_out))
             pairs = [(out, ref), (lq.grad, q.grad), (lk.grad, k.grad), (lv.grad, v.grad)]
-            key = f"window={window} load_balance={load_balance}"
+            key = f"causal={causal} window={window} load_balance={load_balance}"
             errors[key] = max((got - shard(want)).abs().max().item() for got, want in pairs)
     return errors
 
@@ -93,7 +93,7 @@ def test_backends_match_full_sequence_attention(tmp_path, cp, heads):
     results = run_distributed(_backends_vs_reference, cp, tmp_path, heads)
     for rank, res in enumerate(results):
         assert "query heads (4) and kv heads (1) must both be divisible by" in res.pop("head error")
-        assert len(res) == 8  # 2 modes x 2 windows x 2 layouts
+        assert len(res) == 16  # 2 modes x (causal or not) x 2 windows x 2 layouts
         bad = {case: err for case, err in res.items() if not err < ATOL}
         assert not bad, f"rank {rank} of {cp}: {bad}"
 
