@@ -306,3 +306,14 @@ def test_t5_captions_train_alike_from_the_encoder_and_from_its_cache(t5_dir, tmp
     hf = tmp_path / "cached" / "hf"
     assert not (hf / "caption_tokenizer.json").exists()
     assert json.loads((hf / "video.json").read_text())["text_encoder"] == str(t5_dir)
+
+
+def test_resumed_run_draws_what_an_unbroken_one_draws(flow_reference, tmp_path):
+    """Noise, timesteps and masks come from the global sample index: a run stopped after 2 steps
+    and resumed from its checkpoint gives the unbroken run's losses."""
+    _, ref_records, _ = flow_reference
+    extra = ("--checkpoint.every=1", "--checkpoint.export_hf=false")
+    first = Trainer(flow_job(tmp_path, tmp_path / "run", *extra)).fit(until_step=2)
+    rest = Trainer(flow_job(tmp_path, tmp_path / "run", *extra)).fit()
+    assert [r["step"] for r in rest] == [3]
+    assert [r["loss"] for r in first + rest] == [r["loss"] for r in ref_records]
