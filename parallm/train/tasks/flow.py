@@ -30,7 +30,7 @@ import torch
 
 from parallm.errors import UserError
 from parallm.models.attention import AttentionSpec
-from parallm.train.tasks import Batch, Task, register_task
+from parallm.train.tasks import Batch, Task, is_video_model, register_task
 from parallm.video import rflow
 
 CAPTION_TOKENIZER_DIR = "caption_tokenizer"  # under output.dir: the trainable encoder's tokenizer
@@ -52,11 +52,6 @@ class FlowOutput:
 def sample_seed(seed: int, index: int) -> int:
     """The seed of the generator of the sample drawn `index`-th since training began."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
-
-
-def is_video_model(spec) -> bool:
-    """Whether a family's model is a video diffusion model (STDiT3: patch tokens in and out)."""
-    return hasattr(spec.model_cls, "forward_tokens")
 
 
 @register_task
