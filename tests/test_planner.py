@@ -274,3 +274,16 @@ def test_plan_command_reads_a_model_directory(tmp_path):
     assert data["parameters"] == args.num_params()
     with pytest.raises(UserError, match="gpus=0"):
         plan_command(str(tmp_path), 0, 24, 64, 8)
+
+
+def test_a_video_model_is_refused_in_one_line(tmp_path):
+    """`parallm plan` sizes language models; a STDiT3 directory gets a UserError naming --model."""
+    from parallm.models.hf import save_pretrained
+    from parallm.models.stdit import SPEC, STDiTArgs
+    from parallm.planner.report import plan_command
+
+    args = STDiTArgs(depth=1, hidden_size=32, num_heads=2, caption_channels=16, model_max_length=4)
+    model = SPEC.build(args, device="cpu")
+    path = save_pretrained(model, tmp_path / "stdit")
+    with pytest.raises(UserError, match=r"^--model: .* is a STDiT3 video model"):
+        plan_command(str(path), gpus=8, gpu_memory_gb=80, seq_len=1024, batch=8)

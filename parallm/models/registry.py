@@ -61,7 +61,10 @@ class FamilySpec:
     logits. `initial_value(name, shape, args, seed)` is a parameter's fresh value (float32, CPU),
     a function of seed and name only; `tied(args)` maps a parameter name to the one whose value
     it shares (a tied output head). `flops_per_token(args, seq_len)`: training FLOPs.
-    `args_from_config(job_cfg, vocab_size)`: a fresh model's args from the job config (its `[model]`, and `[video]` for a video family).
+    `args_from_config(job_cfg, vocab_size)`: a fresh model's args from the job config (its
+    `[model]`, and `[video]` for a video family). `modality`: what the model makes, "text" (a
+    language model: logits over a vocabulary) or "video" (a diffusion model: patch tokens,
+    trained by the `flow` task, served at /v1/videos).
     """
 
     name: str
@@ -77,6 +80,11 @@ class FamilySpec:
     tied: Callable[[Any], dict[str, str]]
     args_from_config: Callable[[Any, int], Any]
     attention: AttentionSpec = AttentionSpec()
+    modality: str = "text"
+
+    @property
+    def is_video(self) -> bool:
+        return self.modality == "video"
 
     def build(self, args: Any, device: torch.device | str = "meta") -> nn.Module:
         """The model for `args` on `device` (default `meta`: shapes only, nothing allocated)."""

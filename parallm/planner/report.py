@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+from parallm.errors import UserError
 from parallm.models.hf import read_args
+from parallm.models.registry import family_of_args
 from parallm.planner.cost_model import COMM_AXES, GIB, Candidate
 from parallm.planner.search import plan, recommend
 from parallm.planner.state import facts_of
@@ -106,6 +108,13 @@ def _plan_dir(
     model_dir: str, gpus: int, gpu_memory_gb: float, seq_len: int, batch: int, micro_batch: int
 ) -> tuple[object, list[Candidate]]:
     args = read_args(model_dir)
+    spec = family_of_args(args)
+    if spec.is_video:
+        raise UserError(
+            f"--model: {model_dir} is a {spec.model_types[0]} video model; parallm plan sizes "
+            "language models (a video model trains with data parallel, ZeRO and sequence "
+            "parallel: measure them with `parallm bench video`)"
+        )
     candidates = plan(
         args,
         gpus=gpus,

@@ -74,6 +74,7 @@ SPEC = register(
         initial_value=initial_value,
         tied=lambda args: {},
         args_from_config=_args_from_config,
+        modality="video",
     )
 )
 

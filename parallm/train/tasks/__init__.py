@@ -187,7 +187,7 @@ class Task(ABC):
         from parallm.models.registry import family_of_args
 
         spec = family_of_args(args)
-        if is_video_model(spec):
+        if spec.is_video:
             raise UserError(
                 f"task.name: {self.name!r} trains a language model, but model.architecture "
                 f"{spec.model_types[0]!r} is not one (its task is 'flow')"
@@ -206,12 +206,6 @@ class Task(ABC):
     def reference_extras(self, logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         """Per-row tensors (B, ...) from the reference model's logits on `batch`."""
         raise NotImplementedError(f"task {self.name!r} uses no reference model")
-
-
-def is_video_model(spec) -> bool:
-    """Whether a family's model is a video diffusion model (STDiT3: patch tokens in and out,
-    `forward_tokens`) rather than a language model."""
-    return hasattr(spec.model_cls, "forward_tokens")
 
 
 def next_token_loss_sum(logits: torch.Tensor, batch: Batch) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 
 from parallm.errors import UserError
 from parallm.models.attention import AttentionSpec
-from parallm.train.tasks import Batch, Task, is_video_model, register_task
+from parallm.train.tasks import Batch, Task, register_task
 from parallm.video import rflow
 
 CAPTION_TOKENIZER_DIR = "caption_tokenizer"  # under output.dir: the trainable encoder's tokenizer
@@ -91,7 +91,7 @@ class Flow(Task):
         from parallm.models.registry import family_of_args
 
         spec = family_of_args(args)
-        if not is_video_model(spec):
+        if not spec.is_video:
             raise UserError(
                 f"model.architecture: {spec.model_types[0]!r} is a language model; task 'flow' "
                 'trains a video model (model.architecture = "STDiT3")'
