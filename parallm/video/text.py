@@ -201,7 +201,7 @@ class T5TextEncoder:
         )
         self.model.to(self.device).eval().requires_grad_(False)
         self.caption_channels: int = self.model.config.d_model  # Cy
-        self.name = f"t5:{_dir_digest(self.path)}:{str(dtype).removeprefix('torch.')}"
+        self.name = t5_encoder_name(self.path, dtype)
 
     def encode(self, captions: Sequence[str]) -> Encoded:
         captions = list(captions)
@@ -221,6 +221,12 @@ class T5TextEncoder:
         with torch.no_grad():
             y = self.model(input_ids=input_ids, attention_mask=mask)["last_hidden_state"]
         return Encoded(y[:, None], mask, truncated)
+
+
+def t5_encoder_name(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> str:
+    """`T5TextEncoder.name` of the T5 in `path` computing in `dtype` (what its cached embeddings
+    are keyed by), without loading it."""
+    return f"t5:{_dir_digest(_t5_dir(path))}:{str(dtype).removeprefix('torch.')}"
 
 
 def _t5_dir(path: str | os.PathLike) -> Path:

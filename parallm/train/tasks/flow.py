@@ -261,8 +261,7 @@ class Flow(Task):
 
         if self._cache is None:
             v = self.video
-            # T5TextEncoder.name for float32 (text.py has no function for it without T5).
-            name = f"t5:{text._dir_digest(text._t5_dir(v.text_encoder))}:float32"
+            name = text.t5_encoder_name(v.text_encoder, torch.float32)
             self._cache = text.CaptionCache(v.caption_cache, name, v.caption_length)
         return self._cache
 
