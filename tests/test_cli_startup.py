@@ -72,6 +72,9 @@ HELP = [
     ["bench", "train", "--help"],
     ["bench", "infer", "--help"],
     ["bench", "serve", "--help"],
+    ["bench", "video", "--help"],
+    ["video", "--help"],
+    ["video", "generate", "--help"],
 ]
 
 
@@ -86,10 +89,10 @@ def test_help_never_imports_torch():
 def test_bench_help_lists_the_benchmarks_and_each_shows_its_options():
     results = _run(*[h for h in HELP if h[0] == "bench"])
     listing = results["bench --help"][1]
-    for name in ("train", "infer", "serve"):
+    for name in ("train", "infer", "serve", "video"):
         line = next(x for x in listing.splitlines() if x.strip().startswith(name + " "))
         assert len(line.split()) > 2, line  # the name, then what it measures
-    own = {"train": "--shape", "infer": "--num-requests", "serve": "--rates"}
+    own = {"train": "--shape", "infer": "--num-requests", "serve": "--rates", "video": "--frames"}
     for name, option in own.items():
         out = results[f"bench {name} --help"][1]
         assert out.startswith(f"usage: parallm bench {name}") and option in out, out
