@@ -3,11 +3,10 @@ dark background, and a tracker that measures what a generated clip shows.
 
 `python -m parallm.demo.shapes data --out DIR` writes, from a seed:
   train/*.mp4, train.jsonl     clips captioned like "a red circle moving left": 5 colours x 4
-                               directions x 2 shapes = 40 combinations, of which 30 are trained on
-  heldout/*.mp4, heldout.jsonl the 10 other combinations (a compositional split: every colour,
-                               direction and shape, and every pair of them, is in training, but
-                               not these triples); the clips are references, the prompts are what
-                               is evaluated
+                               directions x 2 shapes = 40 combinations, of which 32 are trained on
+  heldout/*.mp4, heldout.jsonl the 8 others: two colour-shape pairs (a red square, a green
+                               circle) in every direction, never trained on (a compositional
+                               split); the clips are references, the prompts are evaluated
 `python -m parallm.demo.shapes eval --model DIR --data DIR/heldout.jsonl` generates a clip for
 each held-out prompt (`parallm.video.pipeline.VideoPipeline`), tracks it, and prints (and saves
 as JSON) colour, direction and joint accuracy against chance, with a few clips as MP4 and GIF.
@@ -52,6 +51,8 @@ FPS = 8.0
 # Pixels whose largest channel difference from the background exceeds this are the shape.
 SHAPE_THRESHOLD = 60
 MIN_MOVE = 0.1  # of the frame size: less is "not moving"
+TRAVEL = 0.5  # of the frame size, from the first frame to the last
+JITTER = 0.1  # of the frame size: how far a path's start varies along its direction
 
 
 @dataclass(frozen=True)
@@ -65,28 +66,33 @@ class Combo:
         return f"a {self.colour} {self.shape} moving {self.direction}"
 
 
+# Colour-shape pairs never trained on: their 8 triples (all four directions) are held out.
+HELD_OUT_PAIRS = (("red", "square"), ("green", "circle"))
+
+
 def combos() -> tuple[list[Combo], list[Combo]]:
-    """(training, held-out) combinations: for shape s, colour i is held out moving in direction
-    (i + s) mod 4 — 10 triples, while every (colour, direction) pair stays in training with the
-    other shape."""
-    colours, directions = list(COLOURS), list(DIRECTIONS)
+    """(training, held-out) combinations: the held-out ones are every direction of the
+    HELD_OUT_PAIRS (a red square was never seen, red circles and green squares moving left
+    were), so every colour, direction and shape, and every (colour, direction) and (shape,
+    direction) pair, is in training, but not these triples."""
     train, held = [], []
-    for (s, shape), (i, colour), direction in itertools.product(
-        enumerate(SHAPES), enumerate(colours), directions
-    ):
+    for shape, colour, direction in itertools.product(SHAPES, COLOURS, DIRECTIONS):
         combo = Combo(colour, direction, shape)
-        (held if directions[(i + s) % 4] == direction else train).append(combo)
+        (held if (colour, shape) in HELD_OUT_PAIRS else train).append(combo)
     return train, held
 
 
 def render(combo: Combo, *, frames: int, size: int, rng: random.Random) -> np.ndarray:
-    """uint8 (frames, size, size, 3): the shape travelling 0.4 of the frame in its direction,
-    from a random start that keeps it inside the frame."""
+    """uint8 (frames, size, size, 3): the shape travelling TRAVEL of the frame in its
+    direction, on a path centred along the motion (give or take JITTER of the frame) at a random
+    place across it, inside the frame."""
     r = max(2.0, size / 6.4)  # circle radius, and half the square's side
-    travel = 0.4 * size
+    travel = TRAVEL * size
     dx, dy = DIRECTIONS[combo.direction]
     lo, hi = r + 0.5, size - 1.5 - r
-    along = rng.uniform(lo, hi - travel)
+    room = (hi - travel - lo) / 2  # how far the path can move along without leaving the frame
+    jitter = min(JITTER * size, room)
+    along = lo + room + rng.uniform(-jitter, jitter)
     across = rng.uniform(lo, hi)
     if dx:
         x0, y0 = (along if dx > 0 else size - 1 - along), across
@@ -226,20 +232,15 @@ def evaluate(
     from parallm.video.pipeline import VideoPipeline
 
     pipe = VideoPipeline.load(model)
-    frames, height, width = (int(rows[0][k]) for k in ("num_frames", "height", "width"))
-    fps = float(rows[0].get("fps", FPS))
+    fps = pipe.config.fps  # the size and fps the model was trained at
     tracks, written = [], []
     for b in range(0, len(rows), batch):
         part = rows[b : b + batch]
         videos = pipe.generate(
             [r["text"] for r in part],
-            frames=frames,
-            height=height,
-            width=width,
             steps=steps,
             guidance=guidance,
             seed=seed + b,
-            fps=fps,
         )
         for k, (row, video) in enumerate(zip(part, videos, strict=True)):
             tracks.append(track(video))
