@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 
 from parallm.serve.app import build_app
 from parallm.serve.keystore import KeyStore
-from parallm.serve.videos import VideoLimits, VideoService
+from parallm.serve.video_jobs import VideoLimits, VideoService
 from parallm.testing.timeouts import scaled
 from tests.serve_helpers import save_chat_model
 from tests.test_serve_contract import MODEL, live, make_state

@@ -21,7 +21,7 @@ from parallm.serve.async_engine import AsyncEngine
 from parallm.serve.config import ServerConfig
 from parallm.serve.drain import DrainGate, DrainingServer
 from parallm.serve.keystore import KeyStore
-from parallm.serve.videos import VideoLimits, VideoService
+from parallm.serve.video_jobs import VideoLimits, VideoService
 
 
 def serve(config: ServerConfig) -> int:

@@ -16,7 +16,7 @@ from parallm.serve.metrics import Metrics
 from parallm.serve.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
-    from parallm.serve.videos import VideoService
+    from parallm.serve.video_jobs import VideoService
 
 
 @dataclass
