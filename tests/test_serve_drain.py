@@ -299,7 +299,7 @@ def test_the_drain_ends_other_long_lived_streams_quietly(caplog):
             await asyncio.sleep(0.05)
 
     app = Starlette(routes=[Route("/ui/heartbeat", lambda request: StreamingResponse(beats()))])
-    state = SimpleNamespace(draining=False, cut=False, jobs={})
+    state = SimpleNamespace(draining=False, cut=False, jobs={}, videos=None)
     gate = DrainGate(app, state)
     port = free_port()
     config = uvicorn.Config(gate, host="127.0.0.1", port=port, timeout_graceful_shutdown=1)
