@@ -113,7 +113,7 @@ def render(combo: Combo, *, frames: int, size: int, rng: random.Random) -> np.nd
 
 
 def make_data(
-    out: Path, *, n: int = 512, heldout: int = 32, frames: int = 8, size: int = 32, seed: int = 0
+    out: Path, *, n: int = 512, heldout: int = 32, frames: int = 8, size: int = 16, seed: int = 0
 ) -> dict[str, int]:
     """Write the training and held-out clips and their JSONL manifests under `out`; returns
     the row counts and the number of held-out combinations."""
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--n", type=int, default=512, help="training clips")
     data.add_argument("--heldout", type=int, default=32, help="held-out prompts (and clips)")
     data.add_argument("--frames", type=int, default=8)
-    data.add_argument("--size", type=int, default=32, help="height and width in pixels")
+    data.add_argument("--size", type=int, default=16, help="height and width in pixels")
     data.add_argument("--seed", type=int, default=0)
     ev = sub.add_parser("eval", help="colour and direction accuracy on held-out prompts")
     ev.add_argument("--model", required=True, help="a model directory written by parallm train")

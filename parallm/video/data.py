@@ -21,6 +21,9 @@ size). Each clip goes to the bucket of the closest aspect ratio among those it h
 around — and the batches are permuted. So a global batch holds one shape, and sample `index` is
 a function of (seed, index) alone: resuming, and every data-parallel degree (each rank reads its
 contiguous slice of a global batch), see the same samples.
+
+Captions are kept whole (`captions`, indexed by a sample's `caption_index`); the text encoder
+cuts one longer than its limit, and counts it.
 """
 
 from __future__ import annotations
