@@ -522,7 +522,7 @@ def test_parallm_ui_sends_no_key_from_the_environment(keyed, monkeypatch, capsys
         def launch(self, **options) -> None:  # serving is Gradio's; the page's key is ours
             pass
 
-    def build_ui(server_url, api_key, model=None):
+    def build_ui(server_url, api_key, model=None, *, video=False):
         built.append((api_key, model))
         return Page()
 
