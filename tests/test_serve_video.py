@@ -137,6 +137,14 @@ def test_create_poll_content_is_the_pipelines_video_billed_in_frames(server, dir
     wait_for(url, secret, seconds["id"], ("completed",))
 
 
+def test_models_lists_the_video_model(server):
+    url, _, secret, _, _ = server
+    listed = httpx.get(url + "/v1/models", headers=bearer(secret)).json()["data"]
+    assert [m["id"] for m in listed][-1] == VIDEO_MODEL and len(listed) == 2
+    card = httpx.get(f"{url}/v1/models/{VIDEO_MODEL}", headers=bearer(secret)).json()
+    assert card["id"] == VIDEO_MODEL and card["object"] == "model"
+
+
 def test_keys_401_and_another_keys_job_is_404(server):
     url, _, secret, _, other = server
     job = create(url, secret, REQUEST)

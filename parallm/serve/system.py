@@ -1,6 +1,6 @@
 """/health (no key), /metrics (a key only with --metrics-auth), /v1/models and /v1/models/{id}
 (key checked): the base model, then each loaded LoRA adapter with the base as its `parent` (as
-vLLM lists them)."""
+vLLM lists them), then the video model (`--video-model`) if one is served."""
 
 from __future__ import annotations
 
@@ -44,6 +44,8 @@ async def models(request: Request) -> dict:
     await authorize(state, request)
     adapters = list(state.llm.adapters.by_name)
     cards = [model_card(state, None), *(model_card(state, name) for name in adapters)]
+    if state.videos is not None:
+        cards.append(video_card(state))
     return {"object": "list", "data": cards}
 
 
@@ -51,7 +53,22 @@ async def models(request: Request) -> dict:
 async def model(model_id: str, request: Request) -> dict:
     state = state_of(request)
     await authorize(state, request)
+    if state.videos is not None and model_id == state.videos.name:
+        return video_card(state)
     return model_card(state, check_model(state, model_id))
+
+
+def video_card(state: ServerState) -> dict:
+    """The card of the video model: what `POST /v1/videos` takes as `model`."""
+    videos = state.videos
+    return {
+        "id": videos.name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "parallm",
+        "root": videos.model,
+        "parent": None,
+    }
 
 
 def model_card(state: ServerState, adapter: str | None) -> dict:

@@ -107,10 +107,7 @@ class _Generator:
     def __init__(self, conn: Connection, pipeline: Any) -> None:
         self.conn, self.pipeline = conn, pipeline
         self.job: str | None = None
-        self.calls = self.steps = self.sent = 0
-        # One model call per sampling step (the conditional and null captions are one batch):
-        # the hook counts them for the job's progress and checks for a cancel between steps.
-        pipeline.model.register_forward_pre_hook(self._step)
+        self.steps = self.sent = 0
 
     def serve(self) -> None:
         while True:
@@ -126,7 +123,7 @@ class _Generator:
         from parallm.video.io import write_video
 
         p = VideoParams(**params)
-        self.job, self.calls, self.steps, self.sent = job_id, 0, p.steps, 0
+        self.job, self.steps, self.sent = job_id, p.steps, 0
         try:
             video = self.pipeline.generate(
                 [p.prompt],
@@ -137,6 +134,7 @@ class _Generator:
                 guidance=p.guidance,
                 seed=p.seed,
                 fps=p.fps,
+                on_step=self._step,
             )
             write_video(path, video[0], p.fps)
         except Cancelled:
@@ -149,13 +147,13 @@ class _Generator:
         finally:
             self.job = None
 
-    def _step(self, module: Any, args: Any) -> None:
+    def _step(self, step: int) -> None:
+        """After sampling step `step` (0-based): the job's progress, and a cancel between steps."""
         while self.conn.poll():
             message = self.conn.recv()
             if message[0] == "cancel" and message[1] == self.job:
                 raise Cancelled
-        percent = min(99, 100 * self.calls // max(1, self.steps))
-        self.calls += 1
+        percent = min(99, 100 * (step + 1) // max(1, self.steps))
         if percent > self.sent:
             self.sent = percent
             self.conn.send(("progress", self.job, percent))

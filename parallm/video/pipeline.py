@@ -20,6 +20,7 @@ be multiples of its spatial factor (and frames of its temporal factor): a UserEr
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -218,9 +219,11 @@ class VideoPipeline:
         guidance: float = 7.0,
         seed: int = 0,
         fps: float | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Videos for `prompts`: (B, 3, T, H, W) float32 in [-1, 1], on the pipeline's device.
-        Sizes default to video.json's; the same seed gives the same video."""
+        Sizes default to video.json's; the same seed gives the same video. `on_step(i)` is
+        called after each of the `steps` sampling steps (progress; it may raise to stop)."""
         cfg = self.config
         frames = cfg.frames if frames is None else frames
         height = cfg.height if height is None else height
@@ -238,7 +241,9 @@ class VideoPipeline:
             "height": torch.full((n,), float(height), device=self.device),
             "width": torch.full((n,), float(width), device=self.device),
         }
-        z = self._sample(z, y, mask, per_sample, frames=frames, steps=steps, guidance=guidance)
+        z = self._sample(
+            z, y, mask, per_sample, frames=frames, steps=steps, guidance=guidance, on_step=on_step
+        )
         video = self.autoencoder.decode(z.to(self._dtype)).float()
         return video.clamp(-1, 1)
 
@@ -261,6 +266,7 @@ class VideoPipeline:
         frames: int,
         steps: int,
         guidance: float,
+        on_step: Callable[[int], None] | None,
     ) -> torch.Tensor:
         """Euler from noise to latents with classifier-free guidance (Open-Sora's RFLOW.sample,
         `rflow.euler_sample`): the conditional and the null captions in one batch of 2B, both
@@ -291,6 +297,7 @@ class VideoPipeline:
             steps=steps,
             guidance=guidance,
             shift=shift,
+            on_step=on_step,
             mask=mask,
             **per_sample,
         )
