@@ -158,3 +158,13 @@ def test_serve_errors_before_loading(capsys, tmp_path, hf_dir):
         capsys, "serve", "--model", str(hf_dir), "--no-auth", "--tensor-parallel-size", "3"
     )
     assert_one_line_error(code, err, "tensor")
+
+
+def test_a_video_model_given_to_the_text_engine_is_one_line(capsys, tmp_path):
+    from parallm.models.hf import save_pretrained
+    from parallm.models.stdit import SPEC, STDiTArgs
+
+    args = STDiTArgs(depth=1, hidden_size=32, num_heads=2, caption_channels=16, model_max_length=4)
+    path = save_pretrained(SPEC.build(args, device="cpu"), tmp_path / "stdit")
+    code, err = run_cli(capsys, "generate", "--model", str(path), "--prompt", "hi")
+    assert_one_line_error(code, err, "is a STDiT3 video model", "--video-model")

@@ -107,6 +107,12 @@ class LLMEngine:
     def __init__(self, model: str | Path, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
         spec, args = read_family(model)
+        if spec.is_video:
+            raise UserError(
+                f"model: {model} is a {spec.model_types[0]} video model, not a language model; "
+                f"generate with `parallm video generate --model {model}`, or serve it with "
+                f"`parallm serve --video-model {model}`"
+            )
         facts = spec.facts(args)
         self.max_model_len = max_model_len_for(facts, config)
         self.vocab_size = facts.vocab_size
