@@ -375,6 +375,9 @@ class TaskConfig:
         _check(self.shift_scale > 0, "task.shift_scale", self.shift_scale, "must be > 0")
 
 
+SHORT_CLIPS = ("drop", "pad")  # what becomes of a clip shorter than its bucket
+
+
 @dataclass(kw_only=True)
 class VideoConfig:
     """Videos for the `flow` task and the STDiT3 model trained on them.
@@ -388,6 +391,11 @@ class VideoConfig:
     `caption_cache` a directory where T5 embeddings are computed once and reused ("" none). `vae`
     is "" to train in pixel space or a local diffusers AutoencoderKL directory, applied frame by
     frame (latents are 8x smaller in height and width).
+
+    `buckets`: the shapes a batch may take, [[frames, height, width], ...] (empty: the one
+    shape above); each clip goes to a bucket it can fill and each global batch is drawn from one
+    bucket. `short_clips`: a clip with fewer frames than its bucket is left out ("drop", as
+    Open-Sora does) or its last frame repeated ("pad"); either way it is counted in the log.
     """
 
     frames: int = 16
@@ -400,8 +408,25 @@ class VideoConfig:
     text_encoder: str = "trainable"
     caption_cache: str = ""
     vae: str = ""
+    buckets: list[list[int]] = field(default_factory=list)
+    short_clips: str = "drop"
 
     def __post_init__(self) -> None:
+        for bucket in self.buckets:
+            _check(
+                isinstance(bucket, list)
+                and len(bucket) == 3
+                and all(isinstance(v, int) and v >= 1 for v in bucket),
+                "video.buckets",
+                bucket,
+                "each bucket is [frames, height, width] of integers >= 1",
+            )
+        _check(
+            self.short_clips in SHORT_CLIPS,
+            "video.short_clips",
+            self.short_clips,
+            f"valid: {', '.join(SHORT_CLIPS)}",
+        )
         for name in ("frames", "height", "width", "caption_length", "caption_channels"):
             value = getattr(self, name)
             _check(value >= 1, f"video.{name}", value, "must be >= 1")
@@ -454,11 +479,22 @@ class VideoConfig:
             return 1
         return 2 ** (len(self._vae_config().get("block_out_channels", [0] * 4)) - 1)
 
-    def tokens(self, patch: tuple[int, int, int] | list[int]) -> tuple[int, int]:
-        """(T', S): patch tokens along time and per frame for `patch`, in latent space (a size
-        the patch does not divide is padded, as Open-Sora pads)."""
+    @property
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """Every (frames, height, width) a batch may have: the buckets, or the one size."""
+        if self.buckets:
+            return [tuple(b) for b in self.buckets]
+        return [(self.frames, self.height, self.width)]
+
+    def tokens(
+        self, patch: tuple[int, int, int] | list[int], shape: tuple[int, int, int] | None = None
+    ) -> tuple[int, int]:
+        """(T', S): patch tokens along time and per frame for `patch`, in latent space, of
+        `shape` (frames, height, width; default the one size) (a size the patch does not divide
+        is padded, as Open-Sora pads)."""
+        frames, height, width = shape or (self.frames, self.height, self.width)
         f, (pt, ph, pw) = self.spatial_factor, patch
-        return -(-self.frames // pt), -(-self.height // f // ph) * -(-self.width // f // pw)
+        return -(-frames // pt), -(-height // f // ph) * -(-width // f // pw)
 
 
 @dataclass(kw_only=True)

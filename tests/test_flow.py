@@ -279,12 +279,33 @@ def test_activation_checkpointing_changes_nothing(flow_reference, tmp_path):
             ["--parallel.cp=8", "--parallel.dp_shard=1", "--model.n_heads=2", "--model.dim=32"],
             "parallel.cp: 8 must divide the model's 2 heads",
         ),
+        (
+            2,
+            ["--parallel.cp=2", "--parallel.dp_shard=1", "--video.buckets=[[4,16,16],[4,12,12]]"],
+            "parallel.cp: 2 must divide the 9 spatial tokens per frame of 4x12x12",
+        ),
+        (1, ["--video.buckets=[[4,16]]"], "video.buckets"),
+        (1, ["--video.short_clips=loop"], "video.short_clips"),
         (1, ["--model.architecture=llama"], "model.architecture"),
     ],
 )
 def test_bad_layout_fails_before_launch(world, extra, field, tmp_path):
     with pytest.raises(UserError, match=field.replace("(", r"\(")):
         preflight(flow_job(tmp_path, tmp_path / "out", *extra), world)
+
+
+def test_job_buckets_reach_the_dataset_and_short_clips_follow_the_job(tmp_path):
+    """`[video] buckets` / `short_clips` of a job are what the flow task's dataset uses."""
+    from test_video_data import write_clips, write_jsonl
+
+    write_jsonl(tmp_path / "m.jsonl", write_clips(tmp_path, [(4, 16, 16), (6, 12, 12), (2, 8, 8)]))
+    buckets = "--video.buckets=[[4,16,16],[6,12,12]]"
+    for short, kept in (("drop", 2), ("pad", 3)):
+        job = flow_job(tmp_path, tmp_path / "out", buckets, f"--video.short_clips={short}")
+        task = Flow(job.task, job=job)
+        dataset = task.dataset([tmp_path / "m.jsonl"], job.data, seed=0)
+        assert dataset.buckets == [(4, 16, 16), (6, 12, 12)], dataset.buckets
+        assert dataset.stats["short"] == 1 and len(dataset.captions) == kept, dataset.stats
 
 
 def test_language_task_refuses_a_video_model(tmp_path):

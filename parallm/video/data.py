@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from parallm.config import SHORT_CLIPS
 from parallm.errors import UserError
 from parallm.train.data import _EpochOrder, iter_jsonl
 from parallm.utils.progress import lead_process, load_progress
@@ -50,7 +51,6 @@ logger = logging.getLogger("parallm.video.data")
 
 REQUIRED = ("path", "text")
 OPTIONAL = {"num_frames": int, "height": int, "width": int, "fps": float}
-SHORT_CLIPS = ("drop", "pad")
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,9 @@ class VideoDataset(_EpochOrder):
     ) -> None:
         self.buckets = _check_buckets(buckets, frames, height, width)
         if short_clips not in SHORT_CLIPS:
-            raise UserError(f"short_clips: {short_clips!r} is not one of {', '.join(SHORT_CLIPS)}")
+            raise UserError(
+                f"video.short_clips: {short_clips!r} is not valid; valid: {', '.join(SHORT_CLIPS)}"
+            )
         if batch_size < 1:
             raise UserError(f"train.batch_size: {batch_size} must be at least 1")
         self.seed, self.shuffle, self.batch_size = seed, shuffle, batch_size

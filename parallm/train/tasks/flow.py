@@ -107,35 +107,43 @@ class Flow(Task):
                     f"{field}: {value} does not match the model's {model_value} "
                     f"({self.job.model.path or 'model'}); set it to {model_value}"
                 )
-        if self.cfg.timestep_shift and 1 < v.frames < 17:
-            raise UserError(
-                f"task.timestep_shift: needs video.frames 1 or >= 17 (got {v.frames}): Open-Sora's "
-                "length factor frames // 17 * 5 is 0 below 17 frames and would send every "
-                "timestep to 0"
-            )
-        factor = v.spatial_factor
-        for field, size in (("video.height", v.height), ("video.width", v.width)):
-            if size % factor:
-                raise UserError(
-                    f"{field}: {size} is not divisible by the VAE's factor {factor}; use a "
-                    f"multiple of {factor}"
-                )
+        for frames, height, width in v.shapes:
+            self._check_shape(args, dims, frames, height, width)
         if args.in_channels != v.channels:
             raise UserError(
                 f"video.vae: the model takes {args.in_channels} channels but "
                 f"{'the VAE gives' if v.vae else 'pixel space has'} {v.channels}"
             )
-        _, ph, pw = args.patch_size
-        _, s = v.tokens(args.patch_size)
-        if dims.cp > 1 and s % dims.cp:
-            raise UserError(
-                f"parallel.cp: {dims.cp} must divide the {s} spatial tokens per frame "
-                f"(video.height/{factor}/{ph} x video.width/{factor}/{pw}, rounded up)"
-            )
         if dims.cp > 1 and self.job.parallel.cp_mode == "ulysses" and args.num_heads % dims.cp:
             raise UserError(
                 f"parallel.cp: {dims.cp} must divide the model's {args.num_heads} heads for "
                 "cp_mode='ulysses'; use cp_mode='ring' or a smaller cp"
+            )
+
+    def _check_shape(self, args, dims, frames: int, height: int, width: int) -> None:
+        """One batch shape (the [video] size, or a bucket) against the task and the layout."""
+        v = self.video
+        where = "video.buckets" if v.buckets else "video"
+        if self.cfg.timestep_shift and 1 < frames < 17:
+            raise UserError(
+                f"task.timestep_shift: needs {where} frames 1 or >= 17 (got {frames}): "
+                "Open-Sora's length factor frames // 17 * 5 is 0 below 17 frames and would send "
+                "every timestep to 0"
+            )
+        factor = v.spatial_factor
+        for field, size in (("height", height), ("width", width)):
+            if size % factor:
+                raise UserError(
+                    f"{where}.{field}: {size} is not divisible by the VAE's factor {factor}; use "
+                    f"a multiple of {factor}"
+                )
+        _, ph, pw = args.patch_size
+        _, s = v.tokens(args.patch_size, (frames, height, width))
+        if dims.cp > 1 and s % dims.cp:
+            raise UserError(
+                f"parallel.cp: {dims.cp} must divide the {s} spatial tokens per frame of "
+                f"{frames}x{height}x{width} ({where} height/{factor}/{ph} x width/{factor}/{pw}, "
+                "rounded up)"
             )
 
     def sample_tokens(self, args, data_cfg) -> tuple[int, int]:
@@ -160,6 +168,8 @@ class Flow(Task):
             seed=seed,
             shuffle=data_cfg.shuffle,
             batch_size=self.job.train.batch_size,
+            buckets=v.shapes,
+            short_clips=v.short_clips,
         )
         self.data_summary = dataset.summary
         return dataset
