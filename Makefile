@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test,serve,ui,video]'
 	touch $@
 
-.PHONY: demo post-train test lint install
+.PHONY: demo post-train video-demo test lint install
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
@@ -33,6 +33,14 @@ post-train: $(BIN)/.installed
 	$(FACTS) eval --data runs/facts/heldout.jsonl --model runs/facts-base/hf
 	$(FACTS) eval --data runs/facts/heldout.jsonl --model runs/facts-base/hf --lora runs/facts-lora/adapter
 	$(FACTS) eval --data runs/facts/heldout.jsonl --model runs/facts-base/hf --lora runs/facts-dpo/adapter
+
+# The text-to-video demo (README): a small STDiT3 trained on synthetic captioned clips of moving
+# shapes, then scored on held-out colour-shape pairs by a tracker (colour, direction) vs chance.
+SHAPES := $(BIN)/python -m parallm.demo.shapes
+video-demo: $(BIN)/.installed
+	$(SHAPES) data --out runs/shapes
+	$(BIN)/parallm train configs/video-demo.toml
+	$(SHAPES) eval --model runs/video-demo/hf --data runs/shapes/heldout.jsonl
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
