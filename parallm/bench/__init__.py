@@ -1,6 +1,21 @@
-"""Benchmarks: `parallm bench train`, `bench infer` and `bench serve`."""
+"""Benchmarks: `parallm bench train`, `bench infer`, `bench serve` and `bench video`."""
+
+import json
+from pathlib import Path
 
 from parallm.errors import UserError
+from parallm.utils.fs import write_json_atomic
+
+
+def save_report(result: dict, out: str | Path, *, show: bool = False) -> Path:
+    """Write a benchmark's figures to `out`/report.json (atomically) and say where; `show`
+    prints them as JSON first."""
+    path = Path(out) / "report.json"
+    write_json_atomic(path, result)
+    if show:
+        print(json.dumps(result, indent=2), flush=True)
+    print(f"saved {path}", flush=True)
+    return path
 
 
 def parse_len_range(text: str, name: str) -> tuple[int, int]:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from parallm.bench import parse_len_range
+from parallm.bench import parse_len_range, save_report
 from parallm.bench.train import SHAPES
 from parallm.errors import UserError
 
@@ -156,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_requests < 1:
         raise UserError(f"--num-requests: {args.num_requests} is not valid; must be >= 1")
     from parallm.models.hf import read_family, resolve_dtype
-    from parallm.utils.fs import write_json_atomic
 
     dtype = resolve_dtype(args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     args.dtype = str(dtype).removeprefix("torch.")
@@ -199,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         print(f"ratio parallm / transformers: {t_hf / t:.2f}x", flush=True)
-    write_json_atomic(out / "report.json", result)
-    print(f"saved {out / 'report.json'}", flush=True)
+    save_report(result, out)
     return 0
 
 

@@ -29,6 +29,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from parallm.bench import save_report
 from parallm.bench.train_peer import SftRun
 from parallm.utils.fs import save_figure_atomic
 
@@ -475,8 +476,6 @@ def sft_main(args: argparse.Namespace) -> int:
 
     import torch
 
-    from parallm.utils.fs import write_json_atomic
-
     peer = check_sft_args(args)
     out = Path(args.out)
     data, model_dir = sft_workload(args, out)
@@ -504,9 +503,8 @@ def sft_main(args: argparse.Namespace) -> int:
     engines = ["full", *(["lora"] if args.lora else []), *(["peer"] if peer else []), "padded"]
     runs, loads = run_rounds(base, engines, args.rounds)
     report = sft_report(runs, sft_meta(args, base, peer, loads))
-    write_json_atomic(out / "report.json", report)
     print(format_sft(report), flush=True)
-    print(f"saved {out / 'report.json'}", flush=True)
+    save_report(report, out)
     if importlib.util.find_spec("matplotlib"):
         save_sft_chart(report, out / "report.png")
         print(f"saved {out / 'report.png'}", flush=True)
@@ -590,7 +588,6 @@ def pretrain_main(args: argparse.Namespace) -> int:
 
     from parallm.distributed.launch import init_distributed, launched_world_size
     from parallm.train.trainer import Trainer
-    from parallm.utils.fs import write_json_atomic
 
     cfg = preflight_job(args, launched_world_size())
     local_rank = init_distributed(cfg.parallel.timeout_s)
@@ -598,9 +595,7 @@ def pretrain_main(args: argparse.Namespace) -> int:
     records = trainer.fit()
     if trainer.rank == 0:
         result = report(records, args, trainer.world)
-        write_json_atomic(Path(args.out) / "report.json", result)
-        print(json.dumps(result, indent=2), flush=True)
-        print(f"saved {Path(args.out) / 'report.json'}", flush=True)
+        save_report(result, args.out, show=True)
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

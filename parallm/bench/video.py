@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from parallm.bench import save_report
 from parallm.errors import UserError
 
 # name -> (model shape, the default video size). Captions: the trainable encoder.
@@ -241,7 +242,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from parallm.distributed.launch import init_distributed, launched_world_size
     from parallm.train.trainer import Trainer
-    from parallm.utils.fs import write_json_atomic
 
     args = parser().parse_args(argv)
     check_args(args)
@@ -273,9 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_1min": round(os.getloadavg()[0], 2),
             "torch": torch.__version__,
         }
-        write_json_atomic(Path(args.out) / "report.json", result)
-        print(json.dumps(result, indent=2), flush=True)
-        print(f"saved {Path(args.out) / 'report.json'}", flush=True)
+        save_report(result, args.out, show=True)
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
