@@ -37,6 +37,36 @@ def save_chat_model(path: Path, name: str = "llama3", seed: int = 0):
     return ref, Tokenizer.from_dir(path)
 
 
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def schema_fuzzer(url: str, secret: str):
+    """(schema, call, statuses) for fuzzing a live server against its /openapi.json with
+    schemathesis: `call(case)` sends a case with `secret` and validates the response against the
+    description; `statuses[operation label]` counts the status codes seen. A schema-valid
+    request may get a 400 (the schema cannot say everything the server checks, e.g. a prompt
+    longer than the context): that is declared, not a failure."""
+    from collections import Counter
+
+    import schemathesis
+
+    config = schemathesis.Config.from_dict(
+        {
+            "auth": {"openapi": {"bearerAuth": {"bearer": secret}}},
+            "checks": {"positive_data_acceptance": {"enabled": False}},
+        }
+    )
+    schema = schemathesis.openapi.from_url(url + "/openapi.json", config=config)
+    statuses: dict[str, Counter] = {}
+
+    def call(case) -> None:
+        response = case.call_and_validate(headers=bearer(secret))
+        statuses.setdefault(case.operation.label, Counter())[response.status_code] += 1
+
+    return schema, call, statuses
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -33,7 +33,7 @@ from parallm.serve.async_engine import AsyncEngine
 from parallm.serve.drain import DrainGate
 from parallm.serve.keystore import KeyStore
 from parallm.testing.timeouts import scaled
-from tests.serve_helpers import free_port, save_chat_model
+from tests.serve_helpers import bearer, free_port, save_chat_model, schema_fuzzer
 from tests.test_serve_drain import Server
 
 MODEL = "tiny"
@@ -130,10 +130,6 @@ def keyed(model_dir, tmp_path_factory):
     store.close()
 
 
-def bearer(secret: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {secret}"}
-
-
 # -- the description -------------------------------------------------------------------------
 
 
@@ -205,20 +201,7 @@ def test_schema_fuzzer_finds_no_server_error_and_no_undeclared_response(keyed):
     endpoints): every response must be declared (status, content type, headers, body schema,
     each event of a stream), no 5xx, invalid bodies refused, and keys enforced where declared."""
     url, admin, _, _, adapter = keyed
-    config = schemathesis.Config.from_dict(
-        {
-            "auth": {"openapi": {"bearerAuth": {"bearer": admin}}},
-            # The schema cannot say everything the server checks (e.g. a prompt longer than the
-            # context), so a schema-valid request may get a 400: that is declared, not a failure.
-            "checks": {"positive_data_acceptance": {"enabled": False}},
-        }
-    )
-    schema = schemathesis.openapi.from_url(url + "/openapi.json", config=config)
-    statuses: dict[str, Counter] = {}
-
-    def call(case) -> None:
-        response = case.call_and_validate(headers=bearer(admin))
-        statuses.setdefault(case.operation.label, Counter())[response.status_code] += 1
+    schema, call, statuses = schema_fuzzer(url, admin)
 
     for case in _valid_cases(schema, str(adapter)):
         call(case)

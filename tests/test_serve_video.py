@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import signal
 import time
-from collections import Counter
 from pathlib import Path
 
 import av
@@ -24,7 +23,7 @@ from parallm.serve.app import build_app
 from parallm.serve.keystore import KeyStore
 from parallm.serve.video_jobs import VideoLimits, VideoService
 from parallm.testing.timeouts import scaled
-from tests.serve_helpers import save_chat_model
+from tests.serve_helpers import bearer, save_chat_model, schema_fuzzer
 from tests.test_serve_contract import MODEL, live, make_state
 from tests.test_serve_drain import Server, assert_clean_exit
 from tests.test_video_pipeline import make_video_model
@@ -58,10 +57,6 @@ def server(dirs, tmp_path_factory):
     with live(build_app(state, log_format=None)) as url:
         yield url, store, user_secret, user.id, other_secret
     store.close()
-
-
-def bearer(secret: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {secret}"}
 
 
 def create(url: str, secret: str, body: dict) -> dict:
@@ -237,18 +232,7 @@ def test_schema_fuzzer_on_the_video_routes(server):
     """Generated cases (valid and invalid) against the video routes: every response declared
     in /openapi.json, no 5xx; each route answers 200 at least once."""
     url, _, secret, _, _ = server
-    config = schemathesis.Config.from_dict(
-        {
-            "auth": {"openapi": {"bearerAuth": {"bearer": secret}}},
-            "checks": {"positive_data_acceptance": {"enabled": False}},
-        }
-    )
-    schema = schemathesis.openapi.from_url(url + "/openapi.json", config=config)
-    statuses: dict[str, Counter] = {}
-
-    def call(case) -> None:
-        response = case.call_and_validate(headers=bearer(secret))
-        statuses.setdefault(case.operation.label, Counter())[response.status_code] += 1
+    schema, call, statuses = schema_fuzzer(url, secret)
 
     job = create(url, secret, REQUEST)
     wait_for(url, secret, job["id"], ("completed",))
