@@ -31,18 +31,21 @@ class Autoencoder(ABC):
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
 
-    def latent_size(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+    def latent_size(
+        self, frames: int, height: int, width: int, *, fields: str = "video."
+    ) -> tuple[int, int, int]:
         """(T, H, W) of the latents of a (frames, height, width) video; sizes the factors do not
-        divide are a UserError naming the field."""
+        divide are a UserError naming the field (`fields` + frames / height / width: the job
+        file's, or "" for a generation request's)."""
         for field, size, factor in (
-            ("video.frames", frames, self.temporal_factor),
-            ("video.height", height, self.spatial_factor),
-            ("video.width", width, self.spatial_factor),
+            ("frames", frames, self.temporal_factor),
+            ("height", height, self.spatial_factor),
+            ("width", width, self.spatial_factor),
         ):
             if size % factor:
                 raise UserError(
-                    f"{field}: {size} is not divisible by the autoencoder's factor {factor}; "
-                    f"use a multiple of {factor}"
+                    f"{fields}{field}: {size} is not divisible by the autoencoder's factor "
+                    f"{factor}; use a multiple of {factor}"
                 )
         return (
             frames // self.temporal_factor,

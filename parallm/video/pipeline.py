@@ -191,21 +191,7 @@ class VideoPipeline:
         """(C, T, H, W) of one video's latents; a UserError when the size does not fit the
         autoencoder's factors."""
         ae = self.autoencoder
-        for name, value, factor in (
-            ("frames", frames, ae.temporal_factor),
-            ("height", height, ae.spatial_factor),
-            ("width", width, ae.spatial_factor),
-        ):
-            if value % factor:
-                raise UserError(
-                    f"{name}: {value} is not valid; the autoencoder needs a multiple of {factor}"
-                )
-        return (
-            ae.latent_channels,
-            frames // ae.temporal_factor,
-            height // ae.spatial_factor,
-            width // ae.spatial_factor,
-        )
+        return (ae.latent_channels, *ae.latent_size(frames, height, width, fields=""))
 
     @torch.no_grad()
     def generate(
