@@ -286,6 +286,7 @@ def test_activation_checkpointing_changes_nothing(flow_reference, tmp_path):
         ),
         (1, ["--video.buckets=[[4,16]]"], "video.buckets"),
         (1, ["--video.short_clips=loop"], "video.short_clips"),
+        (1, ["--video.patch=[2,4,4]"], "task.condition_frames: 0.5 needs a model whose time"),
         (1, ["--model.architecture=llama"], "model.architecture"),
     ],
 )

@@ -109,6 +109,12 @@ class Flow(Task):
                 )
         for frames, height, width in v.shapes:
             self._check_shape(args, dims, frames, height, width)
+        if self.cfg.condition_frames > 0 and args.patch_size[0] > 1:
+            raise UserError(
+                f"task.condition_frames: {self.cfg.condition_frames} needs a model whose time "
+                f"patch is 1 (a clean first frame is one patch frame); this one's is "
+                f"{args.patch_size[0]}"
+            )
         if args.in_channels != v.channels:
             raise UserError(
                 f"video.vae: the model takes {args.in_channels} channels but "
