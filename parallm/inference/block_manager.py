@@ -13,7 +13,8 @@ Every block is in exactly one of three states:
 A full block's hash is chained: `hash_block(parent_hash, tokens)` covers the hash of the block
 before it, so a block only matches after the very same prefix. The chain of a sequence served
 through a LoRA adapter starts from a root of its own (`root_hash`): the same tokens give other
-KV there, so nothing is shared across adapters.
+KV there, so nothing is shared across adapters. When the model's weights change in place (a
+trainer's step), `reset_prefix_cache` forgets every cached prefix.
 """
 
 from collections import OrderedDict, deque
@@ -226,6 +227,20 @@ class BlockManager:
                     self._evictable[block] = None
         seq.block_table = []
         self._seq_hashes.pop(seq.seq_id, None)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (their KV was computed with weights that changed): cached
+        free blocks become uncached free ones. Only when no block is in use: a sequence holding
+        blocks would publish more of its old KV, and a block that stayed cached after a later
+        prefix was recomputed would be matched again (RuntimeError)."""
+        in_use = sum(1 for rc in self._ref_counts if rc > 0)
+        if in_use:
+            raise RuntimeError(f"reset_prefix_cache: {in_use} blocks are in use by sequences")
+        for block in self._evictable:
+            self._block_hash[block] = self._block_tokens[block] = None
+            self._free.append(block)
+        self._evictable.clear()
+        self._cached.clear()
 
     def check_invariants(self) -> None:
         """Assert the free/cached/in-use partition and the hash map agree (for tests)."""

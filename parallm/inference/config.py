@@ -33,14 +33,21 @@ class EngineConfig:
     enable_lora: bool = False
     max_loras: int = 4
     max_lora_rank: int = 16
+    logprobs_mode: str = "raw"  # raw | processed
 
     def __post_init__(self) -> None:
         from parallm.inference.flex_attention import BACKENDS
+        from parallm.inference.sampling import LOGPROBS_MODES
 
         if self.attention_backend not in BACKENDS:
             raise UserError(
                 f"attention_backend: {self.attention_backend!r} is not valid; "
                 f"valid: {', '.join(BACKENDS)}"
+            )
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise UserError(
+                f"logprobs_mode: {self.logprobs_mode!r} is not valid; "
+                f"valid: {', '.join(LOGPROBS_MODES)}"
             )
         for name in (
             "block_size",

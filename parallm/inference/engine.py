@@ -16,6 +16,12 @@ steps); requests of the base and of different adapters share each step (`lora.py
 adapter's KV blocks are never shared with the base's or another adapter's. `remove_lora` lets
 the requests already using an adapter finish on it (`adapters.py`).
 
+`LLMEngine.from_model` runs on a model already in memory (a trainer's, LoRA modules and all)
+instead of loading one: the engine reads the very tensors the trainer updates in place, so after
+an update (`weights_updated`, which drops the prefix cache computed with the old weights) it
+samples from the new weights without a checkpoint or a copy. It runs each step in eval mode and
+gives the trainer its modes back.
+
 With `tensor_parallel_size` N > 1 this process is rank 0 of N (see `tp.py`): it keeps the
 scheduler, the sampler and the detokenizers, and every rank runs each step on its shard of the
 model and of the KV cache; the other ranks run `worker.py`. `close()` stops them.
@@ -29,12 +35,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from parallm.errors import UserError
 from parallm.inference.adapters import AdapterRegistry, LoadedAdapter
 from parallm.inference.config import EngineConfig
 from parallm.inference.detokenizer import IncrementalDetokenizer
-from parallm.inference.model_runner import PromptRows, StepOutput
+from parallm.inference.model_runner import ModelRunner, PromptRows, StepOutput
 from parallm.inference.sampling import (
     Sampler,
     SamplingParams,
@@ -47,9 +54,12 @@ from parallm.inference.sequence import Sequence
 from parallm.inference.tp import TPGroup
 from parallm.inference.worker import (
     build_runner,
+    check_shared_model,
     check_tensor_parallel,
+    eval_mode,
     max_model_len_for,
     run_worker,
+    runner_for,
 )
 from parallm.models.hf import read_family
 from parallm.models.peft_format import read_adapter
@@ -97,7 +107,8 @@ class _Request:
 
 
 class LLMEngine:
-    """Continuous batching over a paged KV cache for one model directory: the driver.
+    """Continuous batching over a paged KV cache for one model directory (or, through
+    `from_model`, one model in memory): the driver.
 
     With `tensor_parallel_size` N > 1 the engine is rank 0 of N: it starts N - 1 worker
     processes (`worker.py`), or, in a process group of N processes (torchrun), is rank 0 of it,
@@ -129,11 +140,38 @@ class LLMEngine:
                 config.tensor_parallel_size, device_type, run_worker, serve_args
             )
         try:
-            self.runner = build_runner(model, config, self.max_model_len, self.tp)
-            self.tokenizer = Tokenizer.from_dir(model)  # after the weights: their errors first
+            runner = build_runner(model, config, self.max_model_len, self.tp)
+            tokenizer = Tokenizer.from_dir(model)  # after the weights: their errors first
         except BaseException:
             self.close()
             raise
+        self._start(runner, tokenizer)
+
+    @classmethod
+    def from_model(
+        cls, model: nn.Module, tokenizer: Tokenizer, config: EngineConfig | None = None
+    ) -> LLMEngine:
+        """An engine whose model IS `model` (a parallm language model on its device, e.g. a
+        trainer's, possibly with training LoRA modules), tokenized by `tokenizer`: nothing is
+        loaded and no weight is copied, so the engine samples from whatever the tensors hold.
+        Call `weights_updated` after changing them. Tensor parallelism and `enable_lora` are
+        not available here (UserError naming the field); the KV cache is sized by `config`
+        (on a GPU give `kv_cache_memory` in bytes: the default fraction of the free memory
+        would leave the trainer's activations and optimizer no room)."""
+        engine = cls.__new__(cls)
+        engine.config = config = config or EngineConfig()
+        facts = check_shared_model(model, config)
+        engine.max_model_len = max_model_len_for(facts, config)
+        engine.vocab_size = facts.vocab_size
+        engine.tp = None
+        engine._start(runner_for(model, config, engine.max_model_len, None), tokenizer)
+        return engine
+
+    def _start(self, runner: ModelRunner, tokenizer: Tokenizer) -> None:
+        """The driver's state around a built runner (whichever way its model came)."""
+        config = self.config
+        self.runner = runner
+        self.tokenizer = tokenizer
         self.model = self.runner.model
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -146,11 +184,22 @@ class LLMEngine:
                 enable_chunked_prefill=config.enable_chunked_prefill,
             )
         )
-        self.sampler = Sampler()
+        self.sampler = Sampler(config.logprobs_mode)
         self.adapters = AdapterRegistry(config.max_loras)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self._by_seq: dict[int, _Request] = {}
+
+    def weights_updated(self) -> None:
+        """Say that the model's weights changed in place (an optimizer step): every cached
+        prefix, computed with the old weights, is dropped. Only between batches of requests:
+        a RuntimeError while any is unfinished (their KV mixes old and new weights)."""
+        if self.has_unfinished_requests():
+            raise RuntimeError(
+                f"weights_updated: {len(self.requests)} requests are unfinished; finish or "
+                "abort them (and step until they report) before updating the weights"
+            )
+        self.scheduler.block_manager.reset_prefix_cache()
 
     def close(self) -> None:
         """Stop the tensor-parallel workers (nothing to do on one process). Idempotent."""
@@ -286,7 +335,8 @@ class LLMEngine:
             touched[self._by_seq[seq.seq_id].request_id] = self._by_seq[seq.seq_id]
         batch = self.scheduler.schedule()
         if not batch.is_empty:
-            step = self.runner.execute(batch.seqs, batch.num_new_tokens)
+            with eval_mode(self.model):  # a trainer's model may be in training mode
+                step = self.runner.execute(batch.seqs, batch.num_new_tokens)
             self._take_prompt_logprobs(step)
             sampled = step.sampled
             tokens: dict[int, int] = {}

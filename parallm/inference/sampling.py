@@ -10,9 +10,12 @@ reference path), with penalties and min-p added in front of and after it:
 4. one draw per row from that row's `torch.Generator` (exponential race, see `_draw`), so a seeded
    request gives the same tokens whatever else shares its batch.
 
-Log-probabilities, when asked for, are "raw": the log-softmax of the logits the model produced,
-before penalties, temperature and truncation (vLLM's default `raw_logprobs`). They describe the
-model rather than the sampling recipe, and they stay finite for tokens truncation removed.
+Log-probabilities, when asked for, are by default "raw": the log-softmax of the logits the model
+produced, before penalties, temperature and truncation (vLLM's default `raw_logprobs`). They
+describe the model rather than the sampling recipe, and they stay finite for tokens truncation
+removed. With `logprobs_mode="processed"` they are the log-softmax after penalties and
+temperature, still before truncation (vLLM's `processed_logprobs`): log_softmax(logits / T), what
+an RL trainer (TRL's GRPO) scores the policy with; greedy rows give the penalised log-softmax.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 from parallm.errors import UserError
 
 MAX_LOGPROBS = 20  # as OpenAI: top_logprobs is at most 20
+LOGPROBS_MODES = ("raw", "processed")  # see the module docstring
 
 
 def _fail(name: str, value: Any, valid: str) -> None:
@@ -284,7 +288,12 @@ def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> 
 
 
 class Sampler:
-    """Logits (B, V) of one step -> one token per row, each row with its own parameters."""
+    """Logits (B, V) of one step -> one token per row, each row with its own parameters.
+    `logprobs_mode`: one of `LOGPROBS_MODES` (see the module docstring)."""
+
+    def __init__(self, logprobs_mode: str = "raw") -> None:
+        assert logprobs_mode in LOGPROBS_MODES, logprobs_mode  # EngineConfig checks user input
+        self.logprobs_mode = logprobs_mode
 
     @torch.inference_mode()
     def __call__(
@@ -299,6 +308,10 @@ class Sampler:
         logits = logits.float()
         device = logits.device
         penalised = apply_penalties(logits, params, histories)
+        # What the log-probabilities are taken of: the raw logits, or (processed) the penalised
+        # ones, scaled by temperature below in the sampled rows.
+        processed = self.logprobs_mode == "processed"
+        scored = penalised if processed else logits
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if len(rows) < B:
             token_ids = penalised.argmax(dim=1)  # the greedy rows' answer; sampled rows overwrite
@@ -310,6 +323,8 @@ class Sampler:
             temp = torch.tensor([params[i].temperature for i in rows], device=device)[:, None]
             # Subtracting the row max first keeps tiny temperatures from overflowing to inf - inf.
             sub = (sub - sub.max(dim=1, keepdim=True).values) / temp
+            if processed and any(p.logprobs is not None for p in params):
+                scored = penalised.index_copy(0, idx, sub)  # a shift leaves log_softmax alone
             sub = truncate(
                 sub,
                 torch.tensor([params[i].top_k for i in rows], device=device),
@@ -317,18 +332,21 @@ class Sampler:
                 torch.tensor([params[i].min_p for i in rows], device=device),
             )
             token_ids[idx] = _draw(sub.softmax(dim=1), [generators[i] for i in rows])
-        return SampleOutput(token_ids.tolist(), self._logprobs(logits, token_ids, params))
+        return SampleOutput(token_ids.tolist(), self._logprobs(scored, token_ids, params))
 
     @staticmethod
     def _logprobs(
-        logits: torch.Tensor, token_ids: torch.Tensor, params: Sequence[SamplingParams]
+        scored: torch.Tensor, token_ids: torch.Tensor, params: Sequence[SamplingParams]
     ) -> list[TokenLogprobs | None] | None:
+        """The log-probabilities of the rows that asked for them, from `scored` (B, V): the
+        logits of the `logprobs_mode`."""
         rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         if not rows:
             return None
-        idx = torch.tensor(rows, device=logits.device)
-        raw = logits[idx].log_softmax(dim=1)  # raw: before penalties / temperature / truncation
-        found = compute_logprobs(raw, token_ids[idx], [params[i].logprobs for i in rows])
+        idx = torch.tensor(rows, device=scored.device)
+        found = compute_logprobs(
+            scored[idx].log_softmax(dim=1), token_ids[idx], [params[i].logprobs for i in rows]
+        )
         out: list[TokenLogprobs | None] = [None] * len(params)
         for i, lp in zip(rows, found, strict=True):
             out[i] = lp

@@ -1,18 +1,24 @@
 """Building a rank's model runner, and the loop of the tensor-parallel ranks above 0.
 
 The driver (`LLMEngine`, rank 0) and the workers both `build_runner`: load the model (whole, or
-this rank's shard by the family's parallel plan), give it LoRA slots when adapters are enabled,
-and size the KV cache alike. A worker then
+this rank's shard by the family's parallel plan), then `runner_for` it: give it LoRA slots when
+adapters are enabled, and size the KV cache alike. A worker then
 `follow`s: it runs each step rank 0 broadcasts until rank 0 stops the group. Spawned workers
 enter through `run_worker`; the ranks > 0 of a torchrun launch through `serve_rank`.
+
+An engine over a model already in memory (`LLMEngine.from_model`, weights shared with a trainer)
+skips the load: `check_shared_model`, then `runner_for` the model as it is. Such a model may be
+in training mode; `eval_mode` runs a forward without dropout and gives the trainer its modes back.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from parallm.distributed.parallel_dims import ParallelDims
 from parallm.errors import UserError
@@ -22,8 +28,8 @@ from parallm.inference.lora import LoraBank
 from parallm.inference.model_runner import ModelRunner
 from parallm.inference.tp import TPGroup
 from parallm.inference.tp_model import load_sharded
-from parallm.models.hf import load_pretrained, read_family
-from parallm.models.registry import ModelFacts
+from parallm.models.hf import load_pretrained, read_family, resolve_dtype
+from parallm.models.registry import ModelFacts, family_of_model
 
 
 def max_model_len_for(facts: ModelFacts, config: EngineConfig) -> int:
@@ -61,6 +67,14 @@ def build_runner(
         model = load_pretrained(model_dir, dtype=config.dtype, device=config.device).eval()
     else:
         model = load_sharded(model_dir, tp, config.dtype)
+    return runner_for(model, config, max_model_len, tp)
+
+
+def runner_for(
+    model: nn.Module, config: EngineConfig, max_model_len: int, tp: TPGroup | None
+) -> ModelRunner:
+    """The runner of this rank's `model` as it is (loaded, or shared with a trainer): its LoRA
+    slots when adapters are enabled, and a KV cache sized by `config`."""
     lora = None
     if config.enable_lora:  # before the KV cache is sized: the slots take memory too
         lora = LoraBank.attach(
@@ -70,7 +84,7 @@ def build_runner(
             tp_rank=tp.rank if tp else 0,
             tp_size=tp.size if tp else 1,
         )
-    with lora.profile() if lora is not None else nullcontext():
+    with lora.profile() if lora is not None else nullcontext(), eval_mode(model):
         budget, blocks = kv_cache_blocks(model, config, max_model_len, tp.size if tp else 1)
     if tp is not None:  # free GPU memory may differ per rank; the block tables are shared
         blocks = tp.agree_min(blocks)
@@ -86,6 +100,51 @@ def build_runner(
         attention_backend=config.attention_backend,
         lora=lora,
     )
+
+
+def check_shared_model(model: nn.Module, config: EngineConfig) -> ModelFacts:
+    """Check that an engine can run on `model` in place (weights shared, nothing loaded or
+    copied); its facts. A UserError names the `config` field that asks for what it cannot do."""
+    if config.tensor_parallel_size != 1:
+        raise UserError(
+            f"tensor_parallel_size: {config.tensor_parallel_size} is not valid for an engine "
+            "over a model in memory (its weights are used as they are, unsharded); must be 1"
+        )
+    if config.enable_lora:
+        raise UserError(
+            "enable_lora: an engine over a model in memory serves that model as it is (with "
+            "its own LoRA modules, if any); must be false"
+        )
+    spec = family_of_model(model)
+    if spec.is_video:
+        raise UserError(f"model: a {spec.model_types[0]} video model is not a language model")
+    param = next(model.parameters())
+    if config.dtype is not None and resolve_dtype(config.dtype) != param.dtype:
+        raise UserError(
+            f"dtype: {config.dtype!r} is not the model's {str(param.dtype).removeprefix('torch.')}"
+            "; an engine over a model in memory runs it in its own dtype (leave dtype unset)"
+        )
+    want = torch.device(config.device) if config.device is not None else param.device
+    if want.type != param.device.type or want.index not in (None, param.device.index):
+        raise UserError(
+            f"device: {config.device!r} is not the model's {param.device}; an engine over a "
+            "model in memory runs it where it is (leave device unset)"
+        )
+    return spec.facts(model.args)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run `model` in eval mode (no dropout) inside, and give every module that was training
+    its mode back after: a trainer sharing the model keeps the modes it set."""
+    training = [m for m in model.modules() if m.training]
+    if training:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m in training:
+            m.training = True  # not m.train(): that would set its children too
 
 
 def run_worker(
