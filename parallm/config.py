@@ -294,11 +294,13 @@ class GenerateConfig:
 TASK_ATTENTION = ("causal", "document")
 OVERLONG = ("truncate", "drop")
 DPO_LOSSES = ("sigmoid", "ipo", "simpo")
+GRPO_NORMALIZATION = ("token", "sequence")  # DAPO's token-level mean | GRPO's per sequence
+SCALE_REWARDS = ("group", "batch", "none")  # TRL's scale_rewards
 FROZEN_DTYPES = ("float32", "bfloat16")
 
 
 # The objectives in parallm/train/tasks/<name>.py; each registers itself when imported.
-BUILTIN_TASKS = ("dpo", "flow", "pretrain", "sft")
+BUILTIN_TASKS = ("dpo", "flow", "grpo", "pretrain", "sft")
 
 
 def _task_names() -> list[str]:
@@ -335,6 +337,23 @@ class TaskConfig:
     (`overlong`). The reference is the starting policy: the base under LoRA (adapters off; the
     starting adapter when `lora.init_from` is set), a frozen copy under full fine-tuning. Data
     and tensor parallelism and ZeRO work; pipeline and context parallelism are refused.
+    grpo: online RL (GRPO, as TRL's GRPOTrainer) on prompts (`prompt`: a string or a message
+    list rendered with the chat template; other fields go to the reward functions). Each step's
+    `train.batch_size` prompts get `group_size` completions of at most `max_completion_tokens`
+    from parallm's own engine at `temperature`, sampled from the weights being trained (no
+    checkpoint, no copy on one process); `rewards` (built-ins "exact_match", "numeric",
+    "format" with `format_pattern`, comparing with the row's `answer_field`, or
+    "package.module:function" taking `(prompt, completion, **row)`) are summed with
+    `reward_weights`; advantages are the rewards less their group's mean, divided by the
+    group's (`scale_rewards = "group"`), the batch's ("batch") or no ("none") standard
+    deviation. The loss is the clipped policy gradient (ratio clipped to [1 - epsilon,
+    1 + epsilon_high]) plus `beta` times the k3 KL estimate to the reference (the starting
+    policy, as for dpo; `beta = 0` builds no reference), times the ratio when
+    `kl_bias_correction` (TRL's default, `use_bias_correction_kl`), averaged over completion tokens
+    (`loss_normalization = "token"`, DAPO) or per sequence then over sequences ("sequence",
+    GRPO). `iterations` optimizer steps reuse one rollout batch, its log-probabilities from
+    rollout time as the old policy's. Data, tensor parallelism and ZeRO work; pipeline and
+    context parallelism are refused.
     """
 
     name: str = "pretrain"
@@ -350,6 +369,19 @@ class TaskConfig:
     timestep_shift: bool = False
     shift_scale: float = 1.0
     condition_frames: float = 0.0
+    group_size: int = 8
+    max_completion_tokens: int = 64
+    temperature: float = 1.0
+    epsilon: float = 0.2
+    epsilon_high: float | None = None  # None: epsilon (symmetric clipping)
+    loss_normalization: str = "token"
+    iterations: int = 1
+    scale_rewards: str = "group"
+    rewards: list[str] = field(default_factory=lambda: ["exact_match"])
+    reward_weights: list[float] | None = None
+    format_pattern: str = ""
+    answer_field: str = "answer"
+    kl_bias_correction: bool = True
 
     def __post_init__(self) -> None:
         names = _task_names()
@@ -367,12 +399,44 @@ class TaskConfig:
             f"valid: {', '.join(OVERLONG)}",
         )
         _check(self.loss in DPO_LOSSES, "task.loss", self.loss, f"valid: {', '.join(DPO_LOSSES)}")
-        _check(self.beta > 0, "task.beta", self.beta, "must be > 0")
+        if self.name == "grpo":
+            self._check_grpo()
+        else:
+            _check(self.beta > 0, "task.beta", self.beta, "must be > 0")
         for name in ("caption_dropout", "condition_frames"):
             value = getattr(self, name)
             _check(0 <= value <= 1, f"task.{name}", value, "a probability in [0, 1]")
         _check(self.timestep_scale > 0, "task.timestep_scale", self.timestep_scale, "must be > 0")
         _check(self.shift_scale > 0, "task.shift_scale", self.shift_scale, "must be > 0")
+
+    def _check_grpo(self) -> None:
+        _check(self.beta >= 0, "task.beta", self.beta, "must be >= 0 (0: no reference model)")
+        _check(
+            self.group_size >= 2,
+            "task.group_size",
+            self.group_size,
+            "must be >= 2 (advantages compare the completions of one prompt)",
+        )
+        for name in ("max_completion_tokens", "iterations"):
+            _check(getattr(self, name) >= 1, f"task.{name}", getattr(self, name), "must be >= 1")
+        _check(self.temperature > 0, "task.temperature", self.temperature, "must be > 0")
+        _check(0 < self.epsilon < 1, "task.epsilon", self.epsilon, "must be in (0, 1)")
+        if self.epsilon_high is not None:
+            _check(self.epsilon_high > 0, "task.epsilon_high", self.epsilon_high, "must be > 0")
+        for name, valid in (
+            ("loss_normalization", GRPO_NORMALIZATION),
+            ("scale_rewards", SCALE_REWARDS),
+        ):
+            value = getattr(self, name)
+            _check(value in valid, f"task.{name}", value, f"valid: {', '.join(valid)}")
+        _check(bool(self.rewards), "task.rewards", self.rewards, "name at least one reward")
+        if self.reward_weights is not None:
+            _check(
+                len(self.reward_weights) == len(self.rewards),
+                "task.reward_weights",
+                self.reward_weights,
+                f"give one weight per reward ({len(self.rewards)})",
+            )
 
 
 SHORT_CLIPS = ("drop", "pad")  # what becomes of a clip shorter than its bucket

@@ -79,7 +79,7 @@ def test_batch_rows_and_tokens():
 def test_task_registry_and_bad_task_fields(corpus, tmp_path):
     assert {"pretrain", "test_sparse_labels"} <= set(task_names())
     with pytest.raises(
-        UserError, match="task.name: 'nope' is not valid; valid: dpo, flow, pretrain"
+        UserError, match="task.name: 'nope' is not valid; valid: dpo, flow, grpo, pretrain"
     ):
         load_config(JobConfig, None, ["--task.name=nope"])
     with pytest.raises(UserError, match="task.attention: 'bidirectional' is not valid"):

@@ -145,7 +145,7 @@ def tokenize_files(
     return stream
 
 
-class _EpochOrder:
+class EpochOrder:
     """Samples 0..num_samples-1 in one seeded permutation per epoch, so the data position is one
     integer (samples consumed) whatever the data-parallel degree. A subclass says how many
     samples it holds (`_total`) and what one is (`row(sample_id)`); `split` gives views of
@@ -198,7 +198,7 @@ class _EpochOrder:
         return train, held
 
 
-class PackedDataset(_EpochOrder):
+class PackedDataset(EpochOrder):
     """Fixed-length samples cut from a token stream; sample i is tokens
     [i * seq_len, (i + 1) * seq_len + 1), so consecutive samples share one boundary token."""
 
@@ -244,7 +244,7 @@ class PackedDataset(_EpochOrder):
         return self.tokens[start : start + self.seq_len + 1]
 
 
-class RowDataset(_EpochOrder):
+class RowDataset(EpochOrder):
     """Rows built ahead, (N, C, seq_len + 1) int arrays: C channels per token (e.g. ids, label
     mask, document ids, positions of packed conversations), read in a seeded order per epoch."""
 

@@ -64,6 +64,7 @@ def preflight(cfg: JobConfig, world_size: int, *, resume: str = "auto", args=Non
     task = make_task(cfg.task, job=cfg)
     task.check_layout(dims)  # e.g. DPO refuses pipeline and context parallelism
     _check_task(cfg, task)
+    task.check_data(files)  # e.g. GRPO's reward functions import and return numbers
     vocab_known = args is not None or cfg.model.path is not None or bool(cfg.model.vocab_size)
     if args is None:
         args = model_args_from_config(cfg, cfg.model.vocab_size or 1)

@@ -4,7 +4,8 @@ made before any rollout, and the scoring of a rollout batch.
 A reward is a function `(prompt, completion, **row) -> float`: `prompt` is the data row's prompt
 (a string or a message list), `completion` the generated text, `row` the row's other fields
 (without `prompt` and `completion`). The job names it in `task.rewards` as a built-in or as
-"package.module:function" ("package.module.function" also works):
+"package.module:function" ("package.module.function" also works), importable from the
+directory the job runs in or from the Python path:
 
 - `exact_match`: 1.0 when the completion equals the row's answer (`task.answer_field`), both
   stripped of surrounding whitespace;
@@ -25,7 +26,9 @@ import importlib
 import inspect
 import math
 import numbers
+import os
 import re
+import sys
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -127,6 +130,10 @@ def _user_function(spec: str, field: str) -> Reward:
     module_name, sep, attr = spec.partition(":") if ":" in spec else spec.rpartition(".")
     if not (sep and module_name and attr):
         raise UserError(f"{field}: {spec!r} is not 'package.module:function' nor a built-in")
+    # As `python -m` would: a module beside where the job is run from imports (the `parallm`
+    # script and each rank start from that directory too).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:

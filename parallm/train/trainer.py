@@ -182,6 +182,8 @@ class Trainer:
             reference=self.reference,
         )
         self.tokens_per_sample, attention_len = self.task.sample_tokens(args, d)
+        self.rollouts = self._build_rollouts(args)
+        self._rollout: tuple | None = None  # the rollout batch in use, its metrics, its uses
         self._log_start(files, dataset)
         self.step = 0
         if self.resume_from is not None:
@@ -253,6 +255,46 @@ class Trainer:
         for p in reference.parameters():
             p.requires_grad_(False)
         return Reference(reference)
+
+    def _build_rollouts(self, args):
+        """The engine in the loop of an online task (GRPO), over this rank's policy."""
+        if not getattr(self.task, "online", False):
+            return None
+        from parallm.train.rollout import Rollouts
+
+        dp_group = self.dims.mesh["dp"].get_group() if self.world > 1 and self.dims.dp > 1 else None
+        rollouts = Rollouts(
+            self.task,
+            self.model.parts,
+            args,
+            self.tokenizer,
+            lora=self.lora,
+            device=self.device,
+            seed=self.cfg.train.seed,
+            local_prompts=self.cfg.train.batch_size // self.dims.dp,
+            dp_group=dp_group,
+        )
+        how = "the trainer's own tensors" if rollouts.shared else "a gathered copy"
+        self.log(f"rollouts: parallm's engine on {how} of the policy")
+        return rollouts
+
+    def _online_batch(self) -> tuple[Any, dict[str, Any]]:
+        """The step's batch of an online task: a new rollout batch every `task.iterations`
+        steps (its prompts the loader's next), the same one in between."""
+        if self._rollout is None or self._rollout[2] == self.cfg.task.iterations:
+            data = self.data
+            first = data.consumed + data.dp_rank * data.local_batch_size
+            prompts = data.next_rows()[:, 0].tolist()
+            samples = list(range(first, first + len(prompts)))
+            batch, metrics = self.rollouts.generate(prompts, samples)
+            for name, line in self.rollouts.first_errors.items():
+                self.warn(f"reward {name!r} raised on a sample (counted): {line}")
+            self._rollout = (batch, metrics, 0)
+        else:
+            batch, metrics, _ = self._rollout
+            metrics = {**metrics, "rollout_s": 0.0}  # no rollout this step: the batch is reused
+        self._rollout = (self._rollout[0], self._rollout[1], self._rollout[2] + 1)
+        return batch, metrics
 
     def _loader(self, dataset: PackedDataset | RowDataset) -> PackedDataLoader:
         t = self.cfg.train
@@ -357,6 +399,8 @@ class Trainer:
                 f"{dataset.num_tokens:,} tokens -> {len(dataset):,} samples of "
                 f"{cfg.data.seq_len} tokens; {steps}"
             )
+        elif getattr(self.task, "online", False):
+            self.log(f"data: {len(files)} files -> {len(dataset):,} prompts; {steps}")
         else:
             v = cfg.video
             self.log(
@@ -446,17 +490,31 @@ class Trainer:
         )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batch = self.task.batch(self.data.next_rows())
-        loss = self.runner.forward_backward(batch.split(self.micro_batch_size))
+        rollout: dict[str, Any] = {}
+        if self.rollouts is not None:
+            batch, rollout = self._online_batch()
+            micro_rows = self.micro_batch_size * self.cfg.task.group_size
+        else:
+            batch = self.task.batch(self.data.next_rows())
+            micro_rows = self.micro_batch_size
+        loss = self.runner.forward_backward(batch.split(micro_rows))
         metrics = self.runner.metrics
         grad_norm = self.runner.clip_grad_norm(t.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        if self.rollouts is not None:
+            self.rollouts.weights_changed()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
         tokens = t.batch_size * self.tokens_per_sample
+        if rollout:
+            metrics = {**rollout, **metrics}
+            tokens = round(rollout["sequence_length"] * rollout["completions"])
+            train_s = elapsed - rollout["rollout_s"]
+            metrics["training_tokens_per_s"] = tokens / train_s
+            metrics["rollout_share"] = rollout["rollout_s"] / elapsed
         record: dict[str, Any] = {
             "step": self.step,
             "loss": loss,

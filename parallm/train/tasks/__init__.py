@@ -181,6 +181,12 @@ class Task(ABC):
         `data.seq_len` both for a language task."""
         return data_cfg.seq_len, data_cfg.seq_len
 
+    def check_data(self, files: list[Path]) -> None:
+        """A UserError, before launch (no rank, no model), for data files or task settings
+        this task cannot use; GRPO imports and probes its reward functions. Nothing by
+        default (`dataset` reads the files later)."""
+        return None
+
     def check_model(self, args, dims) -> None:
         """A UserError, before anything is built, for a model (its args) this task cannot train
         on this layout. A language task refuses a video model (one with `forward_tokens`)."""

@@ -55,7 +55,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _render(tokenizer, messages: list, where: str, *, generation_prompt: bool = False) -> list[int]:
+def render_chat(
+    tokenizer, messages: list, where: str, *, generation_prompt: bool = False
+) -> list[int]:
     with template_errors(where):
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt)
     return tokenizer.encode(text, add_special_tokens=False)
@@ -80,8 +82,8 @@ def tokenize_pair(tokenizer, row: Any, where: str) -> tuple[Tokens, Tokens]:
     elif all(isinstance(v, list) for v in (prompt, chosen, rejected)):
         for name in FIELDS:
             check_messages(row[name], where, name)
-        prompt_ids = _render(tokenizer, prompt, where, generation_prompt=True)
-        full = [_render(tokenizer, prompt + c, where) for c in (chosen, rejected)]
+        prompt_ids = render_chat(tokenizer, prompt, where, generation_prompt=True)
+        full = [render_chat(tokenizer, prompt + c, where) for c in (chosen, rejected)]
     else:
         raise UserError(
             f"{where}: 'prompt', 'chosen' and 'rejected' must be all strings or all message lists"
