@@ -2,7 +2,7 @@
 trainer's own weights (one process) or a gathered copy (sharded layouts), whose sampling
 log-probabilities equal the trainer's forward after every update (full fine-tuning and LoRA);
 group-normalised advantages as TRL computes them; several optimizer steps per rollout batch;
-data parallel and ZeRO-3 equal one process; bad input is one line before any rollout.
+ZeRO-3 and tensor parallelism equal one process; bad input is one line before any rollout.
 
 The loss against TRL's GRPOTrainer is in test_grpo_trl.py; learning on the shipped arithmetic
 job in test_demo_arithmetic.py.
@@ -118,9 +118,9 @@ def policy_logps(trainer: Trainer, prompt: list[int], completion: list[int]) -> 
         [prompt], [completion], [[0.0] * len(completion)], torch.zeros(1), pad_id=0
     )
     model = trainer.model.parts[0]
-    with torch.no_grad():
+    with torch.no_grad(), trainer.runner._loss_ctx():  # vocabulary-sharded logits under TP
         logits = task.forward(model, batch)
-    return label_logps(logits, batch.labels, task.cfg.temperature)[batch.loss_mask]
+        return label_logps(logits, batch.labels, task.cfg.temperature)[batch.loss_mask]
 
 
 def engine_matches_trainer(trainer: Trainer) -> float:
@@ -215,29 +215,42 @@ def _layout_worker(rank: int, world: int, args: list[str], out: str):
 
     cfg = load_config(JobConfig, None, [*args, f"--output.dir={out}/run"])
     trainer = Trainer(cfg, resume="never")
-    assert not trainer.rollouts.shared  # ZeRO-3: the engine has a gathered copy
+    assert not trainer.rollouts.shared  # sharded: the engine has a gathered copy
     records = trainer.fit()
     worst = engine_matches_trainer(trainer)  # after the updates, the copy follows
     state = trainer.full_state_dict()
     return [r["loss"] for r in records], [r["reward"] for r in records], worst, state
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_zero3_equals_one_process(setup, tmp_path, lora):
-    """dp_shard=2 (ZeRO-3): each rank rolls out its half of the prompts on a gathered copy of
-    the policy, which follows every step (its log-probabilities equal the sharded trainer's
-    forward within 1e-5); losses, rewards and weights equal one process's."""
+LAYOUTS = {
+    "zero3-full": ("--parallel.dp_shard=2", "--parallel.zero_stage=3"),
+    "tp2-lora": (
+        "--parallel.tp=2",
+        "--lora.r=4",
+        "--lora.alpha=8",
+        "--lora.target_modules=all-linear",
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sharded_layouts_equal_one_process(setup, tmp_path, layout):
+    """ZeRO-3 (each rank rolls out its half of the prompts) and tensor parallelism under LoRA
+    (the adapter alone is gathered after each step): the engine's gathered copy of the policy
+    follows every step (its log-probabilities equal the sharded trainer's forward within 1e-5);
+    losses, rewards and weights equal one process's."""
     data, model = setup
-    extra = ("--lora.r=4", "--lora.alpha=8", "--lora.target_modules=all-linear") if lora else ()
-    args = job_args(data, model, tmp_path / "single", *extra)
+    flags = LAYOUTS[layout]
+    lora = tuple(f for f in flags if f.startswith("--lora"))
+    args = job_args(data, model, tmp_path / "single", *lora)
     single = Trainer(load_config(JobConfig, None, args), resume="never")
     ref = single.fit()
     dist_args = [a for a in args if not a.startswith("--output.dir")]
-    dist_args += ["--parallel.dp_shard=2", "--parallel.zero_stage=3"]
+    dist_args += [f for f in flags if f.startswith("--parallel")]
     results = run_distributed(
         _layout_worker, 2, tmp_path / "dist", dist_args, str(tmp_path), timeout_s=scaled(240)
     )
-    losses, rewards, worst, state = results[0]
+    losses, rewards, _, state = results[0]
     assert max(r[2] for r in results) < 1e-5
     assert rewards == pytest.approx([r["reward"] for r in ref], abs=1e-6)
     assert losses == pytest.approx([r["loss"] for r in ref], abs=1e-5)
