@@ -106,6 +106,11 @@ class Progress:
         self.recent.append(record["loss"])
         parts = [f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}"]
         parts.append(f"{record['tokens_per_s']:.0f} tok/s")
+        if "reward" in record:  # online RL: how the rollouts score, and how long they are
+            parts.append(
+                f"reward {record['reward']:.3f} ± {record['reward_std']:.3f} | "
+                f"kl {record.get('kl', 0.0):.4f} | length {record['completion_length']:.1f}"
+            )
         if "eval_loss" in record:
             parts.append(f"eval loss {record['eval_loss']:.4f}")
         text = " | ".join(parts)
