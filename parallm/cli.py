@@ -206,6 +206,10 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
         from parallm.bench import infer
 
         return infer.main(rest)
+    if args.what == "rl":
+        from parallm.bench import rl
+
+        return rl.main(rest)
     from parallm.bench import train as bench_train
 
     parsed = bench_train.parser().parse_args(rest)
@@ -405,6 +409,8 @@ BENCHMARKS = {
     "SFT and LoRA against transformers + peft",
     "infer": "offline generation throughput, parallm against transformers on the same weights",
     "serve": "latency (TTFT, TPOT, ITL) and throughput of a running server under Poisson load",
+    "rl": "the GRPO step with parallm's engine for rollouts against transformers.generate on "
+    "the same weights",
     "video": "STDiT3 training samples/s and patches/s per device on any layout (sequence "
     "parallel too), peak memory, generation seconds per clip",
 }
