@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test,serve,ui,video]'
 	touch $@
 
-.PHONY: demo post-train video-demo test lint install
+.PHONY: demo post-train rl-demo video-demo test lint install
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
@@ -33,6 +33,17 @@ post-train: $(BIN)/.installed
 	$(FACTS) eval --data runs/facts/heldout.jsonl --model runs/facts-base/hf
 	$(FACTS) eval --data runs/facts/heldout.jsonl --model runs/facts-base/hf --lora runs/facts-lora/adapter
 	$(FACTS) eval --data runs/facts/heldout.jsonl --model runs/facts-base/hf --lora runs/facts-dpo/adapter
+
+# The online RL demo (README): a small model fine-tuned (SFT) to answer short sums, then GRPO with
+# parallm's engine sampling from the weights being trained; held-out exact match before and after.
+ARITH := $(BIN)/python -m parallm.demo.arithmetic
+rl-demo: $(BIN)/.installed
+	$(ARITH) data --out runs/arith
+	$(BIN)/parallm train configs/arith_sft.toml
+	$(BIN)/parallm train configs/arith_grpo.toml
+	@echo "held-out sums: the SFT model, then after GRPO (greedy; 8 samples at temperature 1)"
+	$(ARITH) eval --data runs/arith/heldout.jsonl --model runs/arith-sft/hf --samples 8
+	$(ARITH) eval --data runs/arith/heldout.jsonl --model runs/arith-grpo/hf --samples 8
 
 # The text-to-video demo (README): a small STDiT3 trained on synthetic captioned clips of moving
 # shapes, then scored on held-out colour-shape pairs by a tracker (colour, direction) vs chance.
