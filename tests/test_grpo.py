@@ -316,3 +316,23 @@ def test_config_checks():
     assert TaskConfig(name="grpo", beta=0.0).beta == 0.0
     with pytest.raises(UserError, match="task.beta"):
         TaskConfig(name="dpo", beta=0.0)
+
+
+def test_resume_equals_an_unbroken_run(setup, tmp_path):
+    """A run stopped after step 2 and resumed from its checkpoint makes the rollouts, losses and
+    weights of an unbroken run: the prompts follow the data position and each prompt's draws
+    its global sample index, so nothing about rollouts needs saving (one optimizer step per
+    rollout batch; with `task.iterations` > 1 a resume inside a cycle rolls out afresh)."""
+    data, model = setup
+    unbroken = Trainer(job(data, model, tmp_path / "a", "--train.steps=3"), resume="never")
+    ref = unbroken.fit()
+    first = Trainer(job(data, model, tmp_path / "b", "--train.steps=3"), resume="never")
+    first.fit(until_step=2)
+    first.save_checkpoint()
+    first.checkpointer.wait()
+    resumed = Trainer(job(data, model, tmp_path / "b", "--train.steps=3"), resume="always")
+    assert resumed.step == 2
+    (last,) = resumed.fit()
+    assert last["reward"] == ref[2]["reward"]
+    assert last["loss"] == pytest.approx(ref[2]["loss"], abs=1e-6)
+    assert_weights_close(resumed.full_state_dict(), unbroken.full_state_dict())
