@@ -1,4 +1,4 @@
-"""Benchmarks: `parallm bench train`, `bench infer`, `bench serve` and `bench video`."""
+"""Benchmarks: `parallm bench train`, `bench infer`, `bench serve`, `bench video` and `bench rl`."""
 
 import json
 from pathlib import Path

@@ -385,7 +385,9 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="parallm bench rl", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="parallm bench rl", description=" ".join(__doc__.split("\n\n")[0].split())
+    )
     p.add_argument("--shape", default="20m", help=f"random weights: {', '.join(INFER_SHAPES)}")
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--group-size", type=int, default=8, help="completions per prompt (G)")
