@@ -214,6 +214,18 @@ class Task(ABC):
         raise NotImplementedError(f"task {self.name!r} uses no reference model")
 
 
+def refuse_degrees(task: str, dims, why: dict[str, str]) -> None:
+    """A UserError for the first parallel axis of `why` (its name -> why this task cannot run
+    split along it) whose degree in `dims` is above 1."""
+    for axis, reason in why.items():
+        degree = getattr(dims, axis)
+        if degree > 1:
+            raise UserError(
+                f"parallel.{axis}: {degree} is not supported by task.name={task!r} ({reason}); "
+                "valid: 1"
+            )
+
+
 def next_token_loss_sum(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Summed cross entropy of the counted labels (float32; vocabulary-sharded logits work under
     `loss_parallel`)."""

@@ -32,7 +32,7 @@ from torch.distributed.tensor import DTensor
 from parallm.errors import UserError
 from parallm.models.attention import AttentionSpec
 from parallm.train.data import RowDataset
-from parallm.train.tasks import IGNORE_INDEX, Batch, Task, register_task
+from parallm.train.tasks import IGNORE_INDEX, Batch, Task, refuse_degrees, register_task
 from parallm.train.tasks.sft import (
     check_messages,
     pack_rows,
@@ -138,15 +138,14 @@ class DPO(Task):
     def check_layout(self, dims) -> None:
         # A pair's loss is not a sum over its tokens, so its sequences must sit whole on one
         # rank (no context parallelism); the reference forward runs outside any schedule.
-        for field, degree, why in (
-            ("pp", dims.pp, "the reference forward would need its own pipeline schedule"),
-            ("cp", dims.cp, "a pair's loss needs its whole sequences on one rank"),
-        ):
-            if degree > 1:
-                raise UserError(
-                    f"parallel.{field}: {degree} is not supported by task.name='dpo' ({why}); "
-                    f"valid: 1"
-                )
+        refuse_degrees(
+            "dpo",
+            dims,
+            {
+                "pp": "the reference forward would need its own pipeline schedule",
+                "cp": "a pair's loss needs its whole sequences on one rank",
+            },
+        )
 
     def dataset(self, files: list[Path], data_cfg, *, seed: int) -> RowDataset:
         tok = self.tokenizer

@@ -34,7 +34,7 @@ from torch.distributed.tensor import DTensor
 
 from parallm.errors import UserError
 from parallm.train.data import EpochOrder
-from parallm.train.tasks import IGNORE_INDEX, Batch, Task, register_task
+from parallm.train.tasks import IGNORE_INDEX, Batch, Task, refuse_degrees, register_task
 from parallm.train.tasks.dpo import render_chat
 from parallm.train.tasks.sft import check_messages, read_rows
 
@@ -143,15 +143,14 @@ class GRPO(Task):
         return self.cfg.beta > 0
 
     def check_layout(self, dims) -> None:
-        for field, degree, why in (
-            ("pp", dims.pp, "rollouts and the reference forward run outside a pipeline schedule"),
-            ("cp", dims.cp, "rollouts generate whole sequences on one rank"),
-        ):
-            if degree > 1:
-                raise UserError(
-                    f"parallel.{field}: {degree} is not supported by task.name='grpo' ({why}); "
-                    f"valid: 1"
-                )
+        refuse_degrees(
+            "grpo",
+            dims,
+            {
+                "pp": "rollouts and the reference forward run outside a pipeline schedule",
+                "cp": "rollouts generate whole sequences on one rank",
+            },
+        )
 
     def check_data(self, files: list[Path]) -> None:
         """The reward functions import and, on the first data row with an empty completion,
