@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from parallm.demo import arithmetic as ar
 from parallm.tokenizer import Tokenizer
 
@@ -62,3 +64,46 @@ def test_scores_count_exact_matches():
         "mixed": 0.5,
         "sample_accuracy": 7 / 12,
     }
+
+
+# -- learning: SFT, then GRPO from it ------------------------------------------------------------
+
+
+def test_grpo_raises_the_reward(tmp_path):
+    """The quick SFT model (`tiny_sft_job`: sums up to 19, 300 steps), then the quick GRPO job
+    (`tiny_grpo_job`: 40 steps of 32 prompts x 8 samples, exact-match reward): the reward of the
+    last 10 steps is above that of the first 10, and the sampled exact-match on the GRPO prompts,
+    counted by the offline engine before and after (same sampling seed), rises.
+
+    Measured (CPU, 1 thread; seeds 0-5 of SFT and GRPO; reward first 10 -> last 10 steps,
+    sampled accuracy on the 100 GRPO prompts, greedy on 100 held-out prompts):
+      seed 0: reward .29 -> .37; prompts .29 -> .42; held-out greedy .35 -> .36
+      seed 1: reward .65 -> .78; prompts .73 -> .88; held-out greedy .91 -> .94
+      seed 2: reward .38 -> .51; prompts .46 -> .63; held-out greedy .69 -> .61
+      seed 3: reward .41 -> .57; prompts .49 -> .65; held-out greedy .58 -> .67
+      seed 4: reward .32 -> .49; prompts .45 -> .58; held-out greedy .65 -> .68
+      seed 5: reward .31 -> .42; prompts .37 -> .49; held-out greedy .50 -> .38
+    The held-out rise is not asserted: on this budget the model memorises questions (sums up
+    to 19, 200 to learn from; SFT alone lands anywhere in 35-91% held-out by seed), so GRPO's
+    gain mostly stays with the questions it trained on (held-out greedy -0.12..+0.09 across
+    seeds, sampled -0.02..+0.09: within the noise of 100 questions). The demo's full-size
+    configs (configs/arith_sft.toml, arith_grpo.toml) show the held-out rise.
+    """
+    from parallm.train.trainer import Trainer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CI's two cores are shared; the times measured are with one
+    try:
+        Trainer(ar.tiny_sft_job(tmp_path), resume="never").fit()
+        sft = tmp_path / "sft" / "hf"
+        prompts = ar.read_heldout(tmp_path / "data" / "rl.jsonl")
+        before = ar.evaluate(sft, prompts, samples=8)
+        records = Trainer(ar.tiny_grpo_job(tmp_path, sft), resume="never").fit()
+        after = ar.evaluate(tmp_path / "grpo" / "hf", prompts, samples=8)
+    finally:
+        torch.set_num_threads(threads)
+    rewards = [r["reward"] for r in records]
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert last > first + 0.04, (first, last)
+    gain = after["sampled"]["sample_accuracy"] - before["sampled"]["sample_accuracy"]
+    assert gain > 0.08, (before, after)
