@@ -12,8 +12,36 @@ from parallm.planner.search import plan, recommend
 from parallm.planner.state import facts_of
 
 GB = 1e9  # traffic is shown in decimal GB, memory in GiB
-MEMORY_COLUMNS = ("parameters", "gradients", "optimizer", "gathered", "activations", "logits")
-MEMORY_HEADERS = ("params", "grads", "optim", "gather", "activ", "logits")
+MEMORY_COLUMNS = (
+    "parameters",
+    "gradients",
+    "optimizer",
+    "gathered",
+    "unsharded",
+    "activations",
+    "logits",
+    "pipeline",
+    "temporaries",
+)
+MEMORY_HEADERS = ("params", "grads", "optim", "gather", "fullgr", "activ", "logits", "pipe", "tmp")
+# What each memory column is (cost_model's docstring, "Memory", has the model in full).
+MEMORY_LEGEND = (
+    "memory: GiB per GPU on the fullest rank at its peak (the last backward, or the optimizer",
+    "step when that holds more):",
+    "  params  float32 parameter shards (AdamW's master weights)",
+    "  grads   their float32 gradient shards (not made yet at the peak under ZeRO-1 with",
+    "          gradient accumulation)",
+    "  optim   AdamW's two moments and steps",
+    "  gather  parameters unsharded in the compute dtype: FSDP's gathers (ZeRO-3 the root and",
+    "          one block, ZeRO-1/2 every block, a pipeline stage all of it), without FSDP",
+    "          autocast's low-precision copies",
+    "  fullgr  full float32 gradients kept across micro-batches (ZeRO-1, FSDP under a pipeline)",
+    "  activ   saved for backward, every micro-batch in flight, after activation checkpointing",
+    "  logits  the loss's logits, float32 log-softmax and its gradient (last pipeline stage)",
+    "  pipe    stage outputs kept until the step ends (pipeline)",
+    "  tmp     AdamW's scratch (when the optimizer step is the peak)",
+    "  total   all of these plus the reserved margin (CUDA context, buffers, fragmentation)",
+)
 COMM_HEADERS = ("fsdp", "dp_rep", "tp", "cp", "pp")
 
 
@@ -45,9 +73,10 @@ def _table(rows: list[list[str]]) -> list[str]:
 
 
 def format_plan(candidates: list[Candidate], *, gpu_memory_gb: float, limit: int = 15) -> str:
-    """A table of the first `limit` candidates (memory of the fullest rank in GiB per GPU,
-    traffic in GB sent per GPU per step by mesh axis, step time, throughput, whether it fits),
-    then the recommendation, or a clear statement that nothing fits."""
+    """A legend of the memory columns (`MEMORY_LEGEND`), then a table of the first `limit`
+    candidates (memory of the fullest rank at its peak in GiB per GPU, by term; traffic in GB
+    sent per GPU per step by mesh axis; step time, throughput, whether it fits), then the
+    recommendation, or a clear statement that nothing fits."""
     if not candidates:
         return (
             "NO VALID LAYOUT: every combination of degrees breaks a divisibility rule of the "
@@ -57,7 +86,8 @@ def format_plan(candidates: list[Candidate], *, gpu_memory_gb: float, limit: int
     header = ["#", "layout", "fits", *MEMORY_HEADERS, "total", *COMM_HEADERS, "step s", "tok/s"]
     shown = candidates[:limit]
     lines = [
-        "memory: GiB per GPU on the fullest rank; comm: GB sent per GPU per step, by mesh axis",
+        *MEMORY_LEGEND,
+        "comm: GB sent per GPU per step, by mesh axis",
         *_table([header] + [_row(i + 1, c) for i, c in enumerate(shown)]),
     ]
     if len(candidates) > len(shown):
@@ -72,8 +102,8 @@ def format_plan(candidates: list[Candidate], *, gpu_memory_gb: float, limit: int
         lines.append(
             f"NO LAYOUT FITS in {gpu_memory_gb:g} GiB per GPU: the smallest footprint is "
             f"{smallest.memory.total / GIB:.2f} GiB ({smallest.layout.label()}). Use more or "
-            "larger GPUs, a shorter sequence or a smaller micro-batch (activation "
-            "checkpointing, which this plan does not model, also saves activations)."
+            "larger GPUs, a shorter sequence or a smaller micro-batch, or activation "
+            "checkpointing (--parallel.activation_checkpoint=full)."
         )
     else:
         lines.append(
@@ -105,7 +135,14 @@ def _describe(args) -> str:
 
 
 def _plan_dir(
-    model_dir: str, gpus: int, gpu_memory_gb: float, seq_len: int, batch: int, micro_batch: int
+    model_dir: str,
+    gpus: int,
+    gpu_memory_gb: float,
+    seq_len: int,
+    batch: int,
+    micro_batch: int,
+    zero_stage: int,
+    activation_checkpoint: str,
 ) -> tuple[object, list[Candidate]]:
     args = read_args(model_dir)
     spec = family_of_args(args)
@@ -122,28 +159,66 @@ def _plan_dir(
         seq_len=seq_len,
         batch=batch,
         micro_batch=micro_batch,
+        zero_stage=zero_stage,
+        activation_checkpoint=activation_checkpoint,
     )
     return args, candidates
 
 
 def plan_command(
-    model_dir: str, gpus: int, gpu_memory_gb: float, seq_len: int, batch: int, micro_batch: int = 1
+    model_dir: str,
+    gpus: int,
+    gpu_memory_gb: float,
+    seq_len: int,
+    batch: int,
+    micro_batch: int = 1,
+    *,
+    zero_stage: int = 3,
+    activation_checkpoint: str = "none",
 ) -> str:
-    """The text `parallm plan` prints for the model in `model_dir` (its `config.json`)."""
-    args, candidates = _plan_dir(model_dir, gpus, gpu_memory_gb, seq_len, batch, micro_batch)
+    """The text `parallm plan` prints for the model in `model_dir` (its `config.json`), for
+    ZeRO stage `zero_stage` and activation checkpointing `activation_checkpoint`."""
+    args, candidates = _plan_dir(
+        model_dir,
+        gpus,
+        gpu_memory_gb,
+        seq_len,
+        batch,
+        micro_batch,
+        zero_stage,
+        activation_checkpoint,
+    )
     head = (
         f"{model_dir}: {_describe(args)}\n"
         f"{gpus} GPUs x {gpu_memory_gb:g} GiB; {batch} sequences x {seq_len} tokens per step, "
-        f"micro-batch {micro_batch}; bf16 compute, float32 state, AdamW, ZeRO-3, no recompute"
+        f"micro-batch {micro_batch}; bf16 compute, float32 state, AdamW, ZeRO-{zero_stage}, "
+        f"activation checkpointing {activation_checkpoint}"
     )
     return head + "\n" + format_plan(candidates, gpu_memory_gb=gpu_memory_gb)
 
 
 def plan_json(
-    model_dir: str, gpus: int, gpu_memory_gb: float, seq_len: int, batch: int, micro_batch: int = 1
+    model_dir: str,
+    gpus: int,
+    gpu_memory_gb: float,
+    seq_len: int,
+    batch: int,
+    micro_batch: int = 1,
+    *,
+    zero_stage: int = 3,
+    activation_checkpoint: str = "none",
 ) -> str:
     """`plan_command`'s plan as a JSON document (`plan_to_dict` plus the request)."""
-    args, candidates = _plan_dir(model_dir, gpus, gpu_memory_gb, seq_len, batch, micro_batch)
+    args, candidates = _plan_dir(
+        model_dir,
+        gpus,
+        gpu_memory_gb,
+        seq_len,
+        batch,
+        micro_batch,
+        zero_stage,
+        activation_checkpoint,
+    )
     out = {
         "model": model_dir,
         "parameters": facts_of(args).num_params,
@@ -151,6 +226,8 @@ def plan_json(
         "seq_len": seq_len,
         "batch": batch,
         "micro_batch": micro_batch,
+        "zero_stage": zero_stage,
+        "activation_checkpoint": activation_checkpoint,
         **plan_to_dict(candidates, gpu_memory_gb=gpu_memory_gb),
     }
     return json.dumps(out, indent=2)

@@ -59,14 +59,17 @@ def plan(
     batch: int,
     micro_batch: int = 1,
     dtype_bytes: int = 2,
+    zero_stage: int = 3,
+    activation_checkpoint: str = "none",
     hardware: Hardware | None = None,
 ) -> list[Candidate]:
     """Predict every valid layout for training `args` on `gpus` GPUs of `gpu_memory_gb` GiB.
 
     `batch` is the global number of sequences of `seq_len` tokens per optimizer step,
-    `micro_batch` the sequences per forward/backward (per pipeline micro-batch under pp), and
-    `dtype_bytes` the compute dtype (2: bf16 mixed precision). Returns the candidates that fit
-    first, fastest first, then those that do not, smallest footprint first; see `recommend`.
+    `micro_batch` the sequences per forward/backward (per pipeline micro-batch under pp),
+    `dtype_bytes` the compute dtype (2: bf16 mixed precision), `zero_stage` the ZeRO stage under
+    FSDP and `activation_checkpoint` none, full or selective (the trainer's `--parallel.*` flags
+    of the same names). Returns the candidates that fit first, fastest first, then those that do not, smallest footprint first; see `recommend`.
     """
     req = PlanRequest(
         gpus=gpus,
@@ -75,6 +78,8 @@ def plan(
         batch=batch,
         micro_batch=micro_batch,
         dtype_bytes=dtype_bytes,
+        zero_stage=zero_stage,
+        activation_checkpoint=activation_checkpoint,
     )
     hw = hardware or Hardware()
     candidates = [estimate(args, layout, req, hw) for layout in valid_layouts(args, req, hw)]

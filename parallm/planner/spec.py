@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from parallm.config import AC_MODES
 from parallm.distributed.parallel_dims import ParallelDims
 from parallm.errors import UserError
 
@@ -13,7 +14,9 @@ AXES_SHOWN = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # outermost first, 
 @dataclass(frozen=True, kw_only=True)
 class PlanRequest:
     """GPUs, memory per GPU (GiB), sequence length, global batch (sequences per optimizer
-    step), sequences per micro-batch, and the bytes of the compute dtype (2: bf16)."""
+    step), sequences per micro-batch, the bytes of the compute dtype (2: bf16), the ZeRO stage
+    under FSDP (`--parallel.zero_stage`) and activation checkpointing
+    (`--parallel.activation_checkpoint`: none, full or selective)."""
 
     gpus: int
     gpu_memory_gb: float
@@ -21,6 +24,8 @@ class PlanRequest:
     batch: int
     micro_batch: int = 1
     dtype_bytes: int = 2
+    zero_stage: int = 3
+    activation_checkpoint: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("gpus", "seq_len", "batch", "micro_batch"):
@@ -40,6 +45,13 @@ class PlanRequest:
         if self.dtype_bytes not in (2, 4):
             raise UserError(
                 f"plan: dtype_bytes={self.dtype_bytes!r} is not valid; 2 (bf16) or 4 (float32)"
+            )
+        if self.zero_stage not in (1, 2, 3):
+            raise UserError(f"plan: zero_stage={self.zero_stage!r} is not valid; 1, 2 or 3")
+        if self.activation_checkpoint not in AC_MODES:
+            raise UserError(
+                f"plan: activation_checkpoint={self.activation_checkpoint!r} is not valid; "
+                f"valid: {', '.join(AC_MODES)}"
             )
 
 
@@ -96,6 +108,10 @@ class Layout:
             flags.append(f"--parallel.cp_mode={self.cp_mode}")
         if self.pp > 1:
             flags.append(f"--parallel.pp_microbatches={self.micro_batches(req)}")
+        if req.zero_stage != 3 and self.dims().fsdp_enabled:
+            flags.append(f"--parallel.zero_stage={req.zero_stage}")
+        if req.activation_checkpoint != "none":
+            flags.append(f"--parallel.activation_checkpoint={req.activation_checkpoint}")
         micro = req.batch // self.dp if self.pp > 1 else req.micro_batch
         return flags + [
             f"--data.seq_len={req.seq_len}",
