@@ -242,7 +242,18 @@ def _plan(args: argparse.Namespace) -> int:
     from parallm.planner.report import plan_command, plan_json
 
     fn = plan_json if args.json else plan_command
-    print(fn(args.model, args.gpus, args.gpu_memory, args.seq_len, args.batch, args.micro_batch))
+    print(
+        fn(
+            args.model,
+            args.gpus,
+            args.gpu_memory,
+            args.seq_len,
+            args.batch,
+            args.micro_batch,
+            zero_stage=args.zero_stage,
+            activation_checkpoint=args.activation_checkpoint,
+        )
+    )
     return 0
 
 
@@ -329,6 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--seq-len", type=int, default=4096)
     plan.add_argument("--batch", type=int, default=64, help="global sequences per step")
     plan.add_argument("--micro-batch", type=int, default=1)
+    plan.add_argument(
+        "--zero-stage", type=int, default=3, help="ZeRO stage of sharded layouts (1, 2, 3)"
+    )
+    plan.add_argument(
+        "--activation-checkpoint",
+        default="none",
+        help="none | selective | full (as parallel.activation_checkpoint)",
+    )
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     db_help = f"key database: a SQLite path or a SQLAlchemy URL (default {DEFAULT_KEYS_DB})"
