@@ -1,5 +1,6 @@
 """The arithmetic demo's data (`parallm.demo.arithmetic`): seeded, its three files disjoint, digits
-single tokens; its scores counted right."""
+single tokens, worded SFT answers only where asked; its scores counted right; and the quick
+SFT-then-GRPO run raises the reward and the held-out exact-match."""
 
 from __future__ import annotations
 
@@ -39,6 +40,24 @@ def test_data_is_seeded_disjoint_and_right(tmp_path):
     assert {r["messages"][1]["role"] for r in train} == {"assistant"}
 
 
+def test_wordy_fraction_words_only_sft_answers(tmp_path):
+    sizes = {"n_train": 200, "n_rl": 50, "n_heldout": 50, "max_operand": 19, "seed": 1}
+    ar.make_data(tmp_path / "bare", **sizes)
+    ar.make_data(tmp_path / "half", wordy_fraction=0.5, **sizes)
+    bare, half = _files(tmp_path / "bare"), _files(tmp_path / "half")
+    assert bare["rl.jsonl"] == half["rl.jsonl"] and bare["heldout.jsonl"] == half["heldout.jsonl"]
+    bare_train, half_train = (
+        ar.read_heldout(tmp_path / d / "train.jsonl") for d in ("bare", "half")
+    )
+    worded = 0
+    for b, h in zip(bare_train, half_train, strict=True):  # same questions, the sum either way
+        assert b["messages"][0] == h["messages"][0]
+        answer = b["messages"][1]["content"]
+        assert h["messages"][1]["content"] in (answer, f"The answer is {answer}.")
+        worded += h["messages"][1]["content"] != answer
+    assert 70 < worded < 130  # about half of 200
+
+
 def test_every_digit_is_its_own_token(tmp_path):
     ar.make_data(tmp_path, n_train=200, n_rl=10, n_heldout=10, max_operand=99)
     tok = Tokenizer.from_dir(tmp_path / "tokenizer")
@@ -69,25 +88,24 @@ def test_scores_count_exact_matches():
 # -- learning: SFT, then GRPO from it ------------------------------------------------------------
 
 
-def test_grpo_raises_the_reward(tmp_path):
-    """The quick SFT model (`tiny_sft_job`: sums up to 19, 300 steps), then the quick GRPO job
-    (`tiny_grpo_job`: 40 steps of 32 prompts x 8 samples, exact-match reward): the reward of the
-    last 10 steps is above that of the first 10, and the sampled exact-match on the GRPO prompts,
-    counted by the offline engine before and after (same sampling seed), rises.
+def test_grpo_raises_the_reward_and_held_out_exact_match(tmp_path):
+    """The quick SFT model (`tiny_sft_job`: sums up to 19, 300 steps, half of its answers worded
+    "The answer is 17." and half bare "17"), then the quick GRPO job (`tiny_grpo_job`: 40 steps
+    of 32 prompts x 8 samples, exact-match reward, which only a bare answer earns): the reward of
+    the last 10 steps is above that of the first 10, and greedy exact-match on the 100 held-out
+    questions, none of them trained on by SFT or GRPO, rises. GRPO learns to answer bare, which
+    does not depend on the question, so the gain transfers to questions it never saw (the sums
+    themselves, at this size, it mostly memorises; a test without worded answers saw held-out
+    greedy move -0.12..+0.09 by seed).
 
     Measured (CPU, 1 thread; seeds 0-5 of SFT and GRPO; reward first 10 -> last 10 steps,
-    sampled accuracy on the 100 GRPO prompts, greedy on 100 held-out prompts):
-      seed 0: reward .29 -> .37; prompts .29 -> .42; held-out greedy .35 -> .36
-      seed 1: reward .65 -> .78; prompts .73 -> .88; held-out greedy .91 -> .94
-      seed 2: reward .38 -> .51; prompts .46 -> .63; held-out greedy .69 -> .61
-      seed 3: reward .41 -> .57; prompts .49 -> .65; held-out greedy .58 -> .67
-      seed 4: reward .32 -> .49; prompts .45 -> .58; held-out greedy .65 -> .68
-      seed 5: reward .31 -> .42; prompts .37 -> .49; held-out greedy .50 -> .38
-    The held-out rise is not asserted: on this budget the model memorises questions (sums up
-    to 19, 200 to learn from; SFT alone lands anywhere in 35-91% held-out by seed), so GRPO's
-    gain mostly stays with the questions it trained on (held-out greedy -0.12..+0.09 across
-    seeds, sampled -0.02..+0.09: within the noise of 100 questions). The demo's full-size
-    configs (configs/arith_sft.toml, arith_grpo.toml) show the held-out rise.
+    held-out greedy exact-match before -> after):
+      seed 0: reward .24 -> .52; held-out .22 -> .48
+      seed 1: reward .21 -> .38; held-out .12 -> .27
+      seed 2: reward .19 -> .49; held-out .15 -> .33
+      seed 3: reward .18 -> .41; held-out .19 -> .28
+      seed 4: reward .12 -> .27; held-out .01 -> .19
+      seed 5: reward .10 -> .26; held-out .07 -> .21
     """
     from parallm.train.trainer import Trainer
 
@@ -96,14 +114,13 @@ def test_grpo_raises_the_reward(tmp_path):
     try:
         Trainer(ar.tiny_sft_job(tmp_path), resume="never").fit()
         sft = tmp_path / "sft" / "hf"
-        prompts = ar.read_heldout(tmp_path / "data" / "rl.jsonl")
-        before = ar.evaluate(sft, prompts, samples=8)
+        heldout = ar.read_heldout(tmp_path / "data" / "heldout.jsonl")
+        before = ar.evaluate(sft, heldout)
         records = Trainer(ar.tiny_grpo_job(tmp_path, sft), resume="never").fit()
-        after = ar.evaluate(tmp_path / "grpo" / "hf", prompts, samples=8)
+        after = ar.evaluate(tmp_path / "grpo" / "hf", heldout)
     finally:
         torch.set_num_threads(threads)
     rewards = [r["reward"] for r in records]
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
-    assert last > first + 0.04, (first, last)
-    gain = after["sampled"]["sample_accuracy"] - before["sampled"]["sample_accuracy"]
-    assert gain > 0.08, (before, after)
+    assert last > first + 0.08, (first, last)
+    assert after["exact_match"] > before["exact_match"] + 0.05, (before, after)

@@ -2,6 +2,7 @@
 
 `python -m parallm.demo.arithmetic data --out DIR` writes, from a seed:
   train.jsonl       chats (`messages`) for SFT: user "What is 37 + 48?", assistant "85"
+                    (with `--wordy-fraction F`, that share of them "The answer is 85." instead)
   rl.jsonl          prompts for GRPO (`prompt`: a message list, `answer`: the sum as a string)
   heldout.jsonl     prompts and answers, none of them asked in train.jsonl or rl.jsonl
   tokenizer/        a byte-level BPE tokenizer with parallm's chat template, in which every
@@ -15,7 +16,10 @@ The questions are every pair of operands in [0, max_operand] for each operation 
 never below 0), shuffled by the seed and cut into the three files, so no question is in two.
 `tiny_sft_job(root)` writes a small data set under `root` and returns the quick SFT job that
 tests start GRPO from, `tiny_grpo_job(root, model)` the quick GRPO job on its prompts
-(configs/arith_sft.toml and arith_grpo.toml are the demo's full-size ones).
+(configs/arith_sft.toml and arith_grpo.toml are the demo's full-size ones). Half the quick SFT
+answers are worded, which the exact-match reward scores 0: GRPO learns to answer bare whatever
+the question, so its gain shows on held-out questions within a short run (the full-size demo,
+all bare, gets there by the sums themselves).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ if TYPE_CHECKING:
 
 OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b}
 QUESTION = "What is {} {} {}?"
+WORDY = "The answer is {}."  # the SFT answer's other form (`wordy_fraction`); not an exact match
 
 
 def questions(*, max_operand: int, ops: str) -> list[tuple[str, str]]:
@@ -76,23 +81,31 @@ def make_data(
     n_heldout: int = 500,
     max_operand: int = 99,
     ops: str = "+",
+    wordy_fraction: float = 0.0,
     seed: int = 0,
 ) -> dict[str, int]:
     """Write train.jsonl, rl.jsonl, heldout.jsonl and a tokenizer under `out`; returns the
-    files' row counts. The three files are disjoint slices of one seeded shuffle."""
+    files' row counts. The three files are disjoint slices of one seeded shuffle. A share
+    `wordy_fraction` of the SFT answers, drawn per question from the seed, is worded
+    ("The answer is 85.") instead of bare ("85"); rl.jsonl and heldout.jsonl keep the bare sum."""
+    if not 0.0 <= wordy_fraction <= 1.0:
+        raise UserError(f"wordy_fraction: {wordy_fraction} is not a share; valid: 0 to 1")
     pool = questions(max_operand=max_operand, ops=ops)
     if n_train + n_rl + n_heldout > len(pool):
         raise UserError(
             f"n_train + n_rl + n_heldout: {n_train + n_rl + n_heldout} questions asked for; "
             f"max_operand={max_operand} with ops={ops!r} has {len(pool)}"
         )
-    random.Random(seed).shuffle(pool)
+    rng = random.Random(seed)
+    rng.shuffle(pool)
     train = pool[:n_train]
     rl = pool[n_train : n_train + n_rl]
     heldout = pool[n_train + n_rl : n_train + n_rl + n_heldout]
     files = {
         "train.jsonl": [
-            {"messages": [*prompt(q), {"role": "assistant", "content": a}]} for q, a in train
+            {"messages": [*prompt(q), {"role": "assistant", "content": reply}]}
+            for q, a in train
+            for reply in [WORDY.format(a) if rng.random() < wordy_fraction else a]
         ],
         "rl.jsonl": [{"prompt": prompt(q), "answer": a} for q, a in rl],
         "heldout.jsonl": [{"prompt": prompt(q), "answer": a} for q, a in heldout],
@@ -179,10 +192,16 @@ def evaluate(
 
 
 # The quick jobs of the tests: a small Llama trained from scratch on sums of operands up to 19
-# (200 of the 400 questions), then GRPO on 100 others. Measured on 2 shared CPU cores, 1 torch
-# thread: SFT 300 steps ~13 s, GRPO 40 steps ~12 s; the whole test ~30 s (its docstring has
-# the numbers).
-TINY_DATA = {"n_train": 200, "n_rl": 100, "n_heldout": 100, "max_operand": 19}
+# (200 of the 400 questions, half of the answers worded), then GRPO on 100 others. Measured on
+# 2 shared CPU cores, 1 torch thread: SFT 300 steps ~13 s, GRPO 40 steps ~11 s; the whole test
+# ~30 s (its docstring has the numbers).
+TINY_DATA = {
+    "n_train": 200,
+    "n_rl": 100,
+    "n_heldout": 100,
+    "max_operand": 19,
+    "wordy_fraction": 0.5,
+}
 TINY_JOB = {
     "data.seq_len": 64,
     "model.architecture": "llama",
@@ -260,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--heldout", type=int, default=500, help="held-out prompts")
     data.add_argument("--max-operand", type=int, default=99)
     data.add_argument("--ops", default="+", help="operations among '+-', e.g. '+-'")
+    data.add_argument(
+        "--wordy-fraction", type=float, default=0.0, help="share of SFT answers worded, not bare"
+    )
     data.add_argument("--seed", type=int, default=0)
     ev = sub.add_parser("eval", help="exact-match accuracy on held-out prompts")
     ev.add_argument("--data", required=True, type=Path, help="heldout.jsonl (or rl.jsonl)")
@@ -278,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             n_heldout=args.heldout,
             max_operand=args.max_operand,
             ops=args.ops,
+            wordy_fraction=args.wordy_fraction,
             seed=args.seed,
         )
         print(json.dumps({"out": str(args.out), **counts}))
