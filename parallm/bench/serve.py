@@ -15,6 +15,15 @@ back the text of an incomplete character, so then one chunk carries several toke
 are times the client could see text, as in the serving benchmarks of this field.
 
     parallm bench serve --url http://127.0.0.1:8000 --rates 1,4,16,inf --num-requests 200
+
+`--launch DIR` starts the servers itself instead of `--url`: `parallm serve --model DIR` on a free
+loopback port, then, with `--peer-python PATH` (a Python with vLLM, e.g. `.venv-peers/bin/python`
+from `make bench-peers`), vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`) on
+the same model, dtype, batching limits and KV bytes, one after the other, each stopped before the
+next starts; the same rates and prompts go to both. The report gives each server's figures and,
+per rate, the TTFT and TPOT medians side by side (`comparison`).
+
+    parallm bench serve --launch MODEL_DIR --peer-python .venv-peers/bin/python --rates 4,16,inf
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import asyncio
 import contextlib
 import math
 import os
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -51,8 +61,14 @@ class _Parser(argparse.ArgumentParser):
 class ServeBenchConfig:
     """What to send where; every field is checked here, a bad one is a UserError naming it."""
 
-    url: str
+    url: str | None  # None: --launch starts the servers
     model: str | None = None  # None: the first model the server lists
+    launch: Path | None = None  # a model directory: start `parallm serve` (and the peer) on it
+    peer_python: str | None = None  # with launch: also vLLM's server in this Python
+    dtype: str = "float32"  # launched servers
+    max_num_batched_tokens: int = 2048  # launched servers
+    threads: int = 0  # launched servers' OMP_NUM_THREADS (0: their default)
+    startup_timeout: float = 900.0  # seconds for a launched server to answer
     api_key: str | None = None
     rates: tuple[float, ...] = (math.inf,)  # requests/s; inf: all at once
     num_requests: int = 100  # per rate
@@ -66,7 +82,18 @@ class ServeBenchConfig:
     plot: Path = Path("bench_serve.png")
 
     def __post_init__(self) -> None:
-        if not self.url.startswith(("http://", "https://")) or self.url.rstrip("/").endswith("/v1"):
+        if (self.url is None) == (self.launch is None):
+            raise UserError("bench serve: give --url (a running server) or --launch MODEL_DIR")
+        if self.peer_python is not None and self.launch is None:
+            raise UserError(
+                "--peer-python: starts the peer's server, so it needs --launch MODEL_DIR"
+            )
+        if self.launch is not None and not (self.launch / "config.json").is_file():
+            raise UserError(
+                f"--launch: {str(self.launch)!r} is not a model directory (no config.json)"
+            )
+        url = self.url or "http://"
+        if not url.startswith(("http://", "https://")) or url.rstrip("/").endswith("/v1"):
             raise UserError(
                 f"--url: {self.url!r} is not valid; give the server's base URL, "
                 "e.g. http://127.0.0.1:8000"
@@ -368,6 +395,161 @@ async def first_model(client: httpx.AsyncClient, url: str) -> str:
     return data[0]["id"]
 
 
+# -- launched servers: parallm's, then the peer's -----------------------------------------------
+
+SERVERS = ("parallm", "vllm")
+KV_CACHE_BYTES = 1 << 30  # parallm's CPU default (at most 1 GiB), given to vLLM too
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(engine: str, cfg: ServeBenchConfig, port: int) -> list[str]:
+    """The command that serves `cfg.launch` on 127.0.0.1:`port` under the name "bench"."""
+    common = [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        cfg.dtype,
+        "--max-num-batched-tokens",
+        str(cfg.max_num_batched_tokens),
+        "--served-model-name",
+        "bench",
+    ]
+    if engine == "parallm":
+        return [
+            sys.executable,
+            "-m",
+            "parallm.cli",
+            "serve",
+            "--model",
+            str(cfg.launch),
+            "--no-auth",
+            "--kv-cache-memory",
+            str(KV_CACHE_BYTES),
+            *common,
+        ]
+    # On vLLM's CPU backend --gpu-memory-utilization is the share of host memory it checks is
+    # free; the KV cache is sized by --kv-cache-memory-bytes.
+    return [
+        cfg.peer_python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(cfg.launch),
+        "--kv-cache-memory-bytes",
+        str(KV_CACHE_BYTES),
+        "--gpu-memory-utilization",
+        "0.2",
+        "--max-num-seqs",
+        "256",
+        *common,
+    ]
+
+
+async def wait_ready(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    """Poll GET /v1/models until it answers 200; a UserError if the server exits or is not up
+    within `timeout` seconds."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(base_url=url, timeout=5.0) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise UserError(
+                    f"--launch: the server exited with status {proc.returncode}; see {log}"
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get("/v1/models")).status_code == 200:
+                    return
+            await asyncio.sleep(1.0)
+    raise UserError(f"--launch: the server did not answer within {timeout:.0f} s; see {log}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (both servers drain and exit), then SIGKILL after 30 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_launched(cfg: ServeBenchConfig) -> dict[str, list[dict[str, Any]]]:
+    """Each server in turn: start it, run every rate against it, stop it."""
+    import dataclasses
+
+    from parallm.bench.infer import check_peer_python
+
+    if cfg.peer_python:  # one line saying how to make it, before any server starts
+        check_peer_python("vllm", cfg.peer_python)
+    out: dict[str, list[dict[str, Any]]] = {}
+    env = dict(os.environ)
+    if cfg.threads:
+        env["OMP_NUM_THREADS"] = str(cfg.threads)
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # as many threads as parallm, unpinned
+    for engine in SERVERS if cfg.peer_python else SERVERS[:1]:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        log = cfg.output.parent / f"{cfg.output.stem}.{engine}.log"
+        print(f"{engine}: starting on {url} (log {log})", flush=True)
+        with log.open("w") as f:
+            proc = subprocess.Popen(
+                server_command(engine, cfg, port), stdout=f, stderr=subprocess.STDOUT, env=env
+            )
+        try:
+            asyncio.run(wait_ready(url, proc, cfg.startup_timeout, log))
+            run_cfg = dataclasses.replace(
+                cfg, url=url, launch=None, peer_python=None, model="bench"
+            )
+            out[engine] = asyncio.run(run_all(run_cfg))[1]
+        finally:
+            stop(proc)
+    return out
+
+
+def comparison(engines: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per rate: each server's TTFT and TPOT medians (ms) and parallm's over the peer's."""
+    rows = []
+    for i, r in enumerate(engines["parallm"]):
+        row: dict[str, Any] = {"rate": r["rate"]}
+        for engine, reports in engines.items():
+            for name in ("ttft", "tpot"):
+                row[f"{engine}_{name}_ms"] = reports[i][f"{name}_ms"]["median"]
+        for name in ("ttft", "tpot"):
+            ours, theirs = row[f"parallm_{name}_ms"], row.get(f"vllm_{name}_ms")
+            row[f"{name}_parallm_over_vllm"] = ours / theirs if ours and theirs else None
+        rows.append(row)
+    return rows
+
+
+def _ratio(x: float | None) -> str:
+    return f"{'-':>6}" if x is None else f"{x:6.2f}"
+
+
+def format_comparison(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "median ms, parallm against vllm (ratio < 1: parallm is faster)",
+        f"{'rate':>6} {'TTFT parallm':>13} {'TTFT vllm':>10} {'ratio':>6} {'TPOT parallm':>13} {'TPOT vllm':>10} {'ratio':>6}",
+    ]
+    for r in rows:
+        lines.append(
+            f"{_rate(r['rate']):>6} {_fmt(r['parallm_ttft_ms'], 13)} {_fmt(r.get('vllm_ttft_ms'), 10)} "
+            f"{_ratio(r['ttft_parallm_over_vllm'])} {_fmt(r['parallm_tpot_ms'], 13)} "
+            f"{_fmt(r.get('vllm_tpot_ms'), 10)} {_ratio(r['tpot_parallm_over_vllm'])}"
+        )
+    return "\n".join(lines)
+
+
 # -- output -----------------------------------------------------------------------------------
 
 
@@ -456,7 +638,24 @@ def parse_rates(text: str) -> tuple[float, ...]:
 
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="parallm bench serve", description=__doc__.splitlines()[0])
-    p.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--url", default=None, help="server base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument(
+        "--launch",
+        default=None,
+        metavar="MODEL_DIR",
+        help="start parallm serve on it (instead of --url)",
+    )
+    p.add_argument(
+        "--peer-python",
+        default=None,
+        metavar="PATH",
+        help="with --launch: also vLLM's server, in this Python",
+    )
+    p.add_argument("--dtype", default="float32", help="--launch: the servers' dtype")
+    p.add_argument(
+        "--max-num-batched-tokens", type=int, default=2048, help="--launch: tokens per step"
+    )
+    p.add_argument("--threads", type=int, default=0, help="--launch: the servers' OMP_NUM_THREADS")
     p.add_argument("--model", default=None, help="served model name (default: the first listed)")
     p.add_argument("--api-key", default=None, help="default: $PARALLM_API_KEY")
     p.add_argument("--rates", default="inf", metavar="R,R,...", help="requests/s; inf: all at once")
@@ -476,7 +675,12 @@ def parse_config(argv: list[str]) -> ServeBenchConfig:
     args = parser().parse_args(argv)
     output = Path(args.output)
     return ServeBenchConfig(
-        url=args.url.rstrip("/"),
+        url=args.url.rstrip("/") if args.url else None,
+        launch=Path(args.launch) if args.launch else None,
+        peer_python=args.peer_python,
+        dtype=args.dtype,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        threads=args.threads,
         model=args.model,
         api_key=args.api_key or os.environ.get("PARALLM_API_KEY") or None,
         rates=parse_rates(args.rates),
@@ -494,23 +698,39 @@ def parse_config(argv: list[str]) -> ServeBenchConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    model, reports = asyncio.run(run_all(cfg))
-    print(format_table(reports), flush=True)
+    for path in (cfg.output, cfg.plot):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.launch is not None:
+        engines = run_launched(cfg)
+        model, reports = "bench", engines["parallm"]
+    else:
+        model, reports = asyncio.run(run_all(cfg))
+        engines = {}
+    for engine, rs in engines.items() or [("", reports)]:
+        print(
+            f"{engine}:" if engine else "", format_table(rs), sep="\n" if engine else "", flush=True
+        )
     config = {k: v for k, v in asdict(cfg).items() if k != "api_key"}
     config |= {
         "model": model,
         "rates": ["inf" if math.isinf(r) else r for r in cfg.rates],
         "output": str(cfg.output),
         "plot": str(cfg.plot),
+        "launch": str(cfg.launch) if cfg.launch else None,
     }
-    for path in (cfg.output, cfg.plot):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(cfg.output, {"config": config, "results": reports})
+    report: dict[str, Any] = {"config": config, "results": reports}
+    if len(engines) > 1:
+        report["engines"] = engines
+        report["comparison"] = comparison(engines)
+        print(format_comparison(report["comparison"]), flush=True)
+    write_json_atomic(cfg.output, report)
     save_plot(reports, cfg.plot)
     print(f"saved {cfg.output} and {cfg.plot}", flush=True)
-    failed = sum(r["failed"] for r in reports)
+    failed = sum(r["failed"] for rs in (engines or {"": reports}).values() for r in rs)
     if failed:
-        first = next(e for r in reports for e in r["errors"])
+        first = next(
+            e for rs in (engines or {"": reports}).values() for r in rs for e in r["errors"]
+        )
         print(
             f"{failed} requests failed (all errors in {cfg.output}); one: {first}", file=sys.stderr
         )
