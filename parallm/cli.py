@@ -426,7 +426,8 @@ def _add_video_commands(video: argparse.ArgumentParser) -> None:
 BENCHMARKS = {
     "train": "training tokens/s, MFU and peak memory of a model shape on any layout; "
     "SFT and LoRA against transformers + peft",
-    "infer": "offline generation throughput, parallm against transformers on the same weights",
+    "infer": "offline generation throughput (or --latency), parallm against transformers or "
+    "vLLM (--peer) on the same weights",
     "serve": "latency (TTFT, TPOT, ITL) and throughput of a running server under Poisson load",
     "rl": "the GRPO step with parallm's engine for rollouts against transformers.generate on "
     "the same weights",

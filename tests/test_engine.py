@@ -157,7 +157,7 @@ def test_bench_infer_writes_its_report_into_a_new_directory(tmp_path, capsys):
     save_hf_model_with_tokenizer("llama3", tmp_path / "model")
     out = tmp_path / "new" / "report-dir"
     argv = ["bench", "infer", "--model", str(tmp_path / "model"), "--num-requests", "2"]
-    argv += ["--input-len", "4", "--output-len", "3", "--no-hf", "--out", str(out)]
+    argv += ["--input-len", "4", "--output-len", "3", "--no-hf", "--rounds", "1", "--out", str(out)]
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["num_requests"] == 2 and report["parallm"]["seconds"] > 0
