@@ -20,7 +20,7 @@ from parallm.config import JobConfig, load_config
 from parallm.errors import UserError
 from parallm.testing.distributed import run_distributed
 from parallm.testing.timeouts import scaled
-from parallm.train.data import _EpochOrder
+from parallm.train.data import EpochOrder
 from parallm.train.preflight import preflight
 from parallm.train.tasks import register_task
 from parallm.train.tasks.flow import Flow
@@ -142,7 +142,7 @@ def test_guidance_one_is_no_guidance_and_same_seed_same_output():
 CAPTIONS = ["a red square moving left", "a blue circle moving right", "a green dot going up"]
 
 
-class TinyVideos(_EpochOrder):
+class TinyVideos(EpochOrder):
     """`n` random 4 x 16 x 16 clips in [-1, 1] with captions: VideoDataset's interface, in
     memory (every sample a function of its id)."""
 

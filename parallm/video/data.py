@@ -43,7 +43,7 @@ import torch
 
 from parallm.config import SHORT_CLIPS
 from parallm.errors import UserError
-from parallm.train.data import _EpochOrder, iter_jsonl
+from parallm.train.data import EpochOrder, iter_jsonl
 from parallm.utils.progress import lead_process, load_progress
 from parallm.video.io import VideoDecodeError, VideoInfo, probe_video, read_video
 
@@ -126,7 +126,7 @@ class _Clip:
     padded: bool
 
 
-class VideoDataset(_EpochOrder):
+class VideoDataset(EpochOrder):
     """Clips from manifest rows, in global batches of one (frames, height, width) bucket.
 
     `sample(index)` -> dict of numpy values: `video` float32 (3, T, H, W) in [-1, 1],
