@@ -34,6 +34,9 @@ class EngineConfig:
     max_loras: int = 4
     max_lora_rank: int = 16
     logprobs_mode: str = "raw"  # raw | processed
+    # On a CPU (float32, oneDNN built in): linear layers run on packed copies of their weights
+    # during steps (`packed_linear.py`; faster, a second copy of those weights in memory).
+    packed_linears: bool = True
 
     def __post_init__(self) -> None:
         from parallm.inference.flex_attention import BACKENDS

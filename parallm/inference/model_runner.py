@@ -16,6 +16,7 @@ are loaded between steps (`load_lora`), on every rank.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 
 from parallm.inference.flex_attention import make_backend
 from parallm.inference.lora import LoraBank
+from parallm.inference.packed_linear import PackedLinears
 from parallm.inference.paged_attention import KVPool, StepMetadata
 from parallm.inference.sequence import Sequence
 from parallm.inference.step_inputs import LoadLora, StepInputs
@@ -82,6 +84,7 @@ class ModelRunner:
         tp: TPGroup | None = None,
         attention_backend: str = "auto",
         lora: LoraBank | None = None,
+        packed_linears: bool = True,
     ) -> None:
         self.model = model
         self.lora = lora
@@ -101,6 +104,8 @@ class ModelRunner:
         self.backend = make_backend(attention_backend, self.pool)
         # What each step's tokens may attend to: the family's rule (causal for language models).
         self.attention = spec.attention
+        # On a CPU, linear layers run on oneDNN-packed weights during steps (packed_linear.py).
+        self.packed = PackedLinears(model) if packed_linears else None
 
     def execute(self, seqs: list[Sequence], num_new_tokens: list[int]) -> StepOutput:
         """Compute the step: the logits of the sequences that reach their last token this step
@@ -157,9 +162,10 @@ class ModelRunner:
             self.lora.set_step(
                 step.lora_slots or [-1] * len(step.lengths), step.lengths, self.device
             )
-        logits = self.model(
-            input_ids, pos, attention=self.attention, backend=self.backend, logit_rows=rows
-        )[0]
+        with self.packed.active() if self.packed is not None else nullcontext():
+            logits = self.model(
+                input_ids, pos, attention=self.attention, backend=self.backend, logit_rows=rows
+            )[0]
         return logits if step.logit_rows else None
 
     def load_lora(self, slot: int, adapter: Adapter, path: str) -> None:

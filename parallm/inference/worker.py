@@ -99,6 +99,7 @@ def runner_for(
         tp=tp,
         attention_backend=config.attention_backend,
         lora=lora,
+        packed_linears=config.packed_linears,
     )
 
 
