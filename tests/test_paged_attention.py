@@ -6,6 +6,7 @@ import random
 import torch
 
 from parallm.inference.paged_attention import (
+    MAX_GROUP_CONTEXT,
     MAX_PADDING_COST,
     KVPool,
     PagedAttention,
@@ -28,13 +29,16 @@ def test_group_rows_partitions_and_bounds_padding():
             padded = len(g) * max(lengths[i] for i in g) * max(contexts[i] for i in g)
             work = sum(lengths[i] * contexts[i] for i in g)
             assert len(g) == 1 or padded <= MAX_PADDING_COST * work
+            assert len(g) == 1 or len(g) * max(contexts[i] for i in g) <= MAX_GROUP_CONTEXT
 
 
-def test_decodes_share_a_group_and_a_long_chunk_gets_its_own():
+def test_decodes_share_groups_of_bounded_context_and_a_long_chunk_gets_its_own():
     lengths = [1] * 32 + [256]
     contexts = [300 + i for i in range(32)] + [256]
     groups = group_rows(lengths, contexts)
-    assert sorted(map(sorted, groups)) == [list(range(32)), [32]]
+    per_group = MAX_GROUP_CONTEXT // 331  # the most decodes of contexts up to 331 in one gather
+    decodes = [list(range(i, min(i + per_group, 32))) for i in range(0, 32, per_group)]
+    assert sorted(map(sorted, groups)) == sorted(decodes + [[32]])
 
 
 def test_mixed_step_equals_full_forward():
