@@ -296,3 +296,19 @@ def test_draw_follows_the_distribution_and_never_picks_a_zero():
     # A row whose only token is the last one, and one whose only token is the first.
     one_hot = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
     assert _draw(one_hot, [None, None]).tolist() == [2, 0]
+
+
+def test_two_level_draw_equals_a_flat_inverse_cdf_search():
+    """Across block boundaries and a vocabulary that is no multiple of the block: the token
+    `_draw` picks (from unnormalised weights) is the one a flat float64 search picks for the
+    same seeded uniform."""
+    torch.manual_seed(0)
+    weights = torch.rand(300, 1000) ** 8  # peaked rows
+    weights[:, 500:700] = 0  # whole blocks of zeros
+    seeds = range(300)
+    picked = _draw(weights, [make_generator(s, "cpu") for s in seeds])
+    u = torch.stack([torch.rand((), generator=make_generator(s, "cpu")) for s in seeds]).double()
+    cdf = weights.double().cumsum(dim=1)
+    flat = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    assert picked.tolist() == flat.tolist()
+    assert not bool(((picked >= 500) & (picked < 700)).any())

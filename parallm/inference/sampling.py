@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypedDict
 
 import torch
+import torch.nn.functional as F
 
 from parallm.errors import UserError
 
@@ -261,29 +262,49 @@ def truncate(
     return logits
 
 
-def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """One token per row of `probs` (R, V) by inverse transform sampling: the first token whose
-    cumulative probability exceeds u * total, u ~ U[0, 1), picks token i with probability p_i.
+# `_draw` searches the cumulative weights in two levels: sums of blocks of this many tokens,
+# then within the chosen block. A flat cumulative sum over the vocabulary is one sequential pass
+# per row (64 x 16k: ~1 ms on the development CPU); the block sums vectorise.
+DRAW_BLOCK = 128
+
+
+def _draw(weights: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of `weights` (R, V) (>= 0, finite, any scale: probabilities or their
+    unnormalised exponentials) by inverse transform sampling: the first token whose cumulative
+    weight exceeds u * total, u ~ U[0, 1), picks token i with probability w_i / total.
     One uniform per row: seeded rows draw theirs from their own generator (so a row's draw does
     not depend on its batch), the others from the default one. (The exponential race, argmax of
     p_i / q_i with q_i ~ Exp(1), needs V random numbers per row: on a CPU with a 16k vocabulary
     that cost more than the model's attention.)"""
-    R, V = probs.shape
-    device = probs.device
+    R, V = weights.shape
+    device = weights.device
     u = torch.rand(R, device=device)  # unseeded rows keep these
     for r, g in enumerate(generators):
         if g is not None:
             u[r] = torch.rand((), generator=g, device=g.device).to(device)
     # float32 is enough: each token's share of the running sum is off by one rounding at most,
-    # and a token of probability 0 leaves the sum unchanged, so it is never picked.
-    cdf = probs.float().cumsum(dim=1)
-    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp_(max=V - 1)
-    # Where u * total rounded up to the total, the search ends past the last token that can be
-    # picked (on a token of probability 0): take that last token.
-    bad = probs.gather(1, picked[:, None])[:, 0] == 0
+    # and a token of weight 0 leaves the sum unchanged, so it is never picked.
+    w = weights.float()
+    blocks = F.pad(w, (0, -V % DRAW_BLOCK)).view(R, -1, DRAW_BLOCK)  # (R, V / block, block)
+    block_sums = blocks.sum(dim=2)
+    running = block_sums.cumsum(dim=1)  # (R, V / block)
+    target = (u * running[:, -1])[:, None]
+    block = torch.searchsorted(running, target, right=True).clamp_(max=blocks.shape[1] - 1)
+    rows = torch.arange(R, device=device)
+    before = running.gather(1, block) - block_sums.gather(1, block)  # (R, 1)
+    within = blocks[rows, block[:, 0]].cumsum(dim=1) + before  # (R, block)
+    offset = torch.searchsorted(within, target, right=True).clamp_(max=DRAW_BLOCK - 1)
+    picked = (block * DRAW_BLOCK + offset)[:, 0].clamp_(max=V - 1)
+    # Where u * total rounded up to the total (or a block's sums disagree with the running sum
+    # by a rounding), the search can end on a token of weight 0: take the last token of weight
+    # > 0 at or before it, or the first one after.
+    bad = w.gather(1, picked[:, None])[:, 0] == 0
     if bool(bad.any()):
-        nonzero = torch.where(probs[bad] > 0, torch.arange(V, device=device), 0)
-        picked[bad] = nonzero.amax(dim=1)
+        index = torch.arange(V, device=device)
+        nonzero = w[bad] > 0
+        at_or_before = torch.where(nonzero & (index <= picked[bad, None]), index, -1).amax(dim=1)
+        first = torch.where(nonzero, index, V).amin(dim=1)
+        picked[bad] = torch.where(at_or_before >= 0, at_or_before, first)
     return picked
 
 
@@ -319,7 +340,7 @@ class Sampler:
             token_ids = torch.empty(B, dtype=torch.long, device=device)
         if rows:
             idx = torch.tensor(rows, device=device)
-            sub = penalised[idx]  # (R, V)
+            sub = penalised[idx] if len(rows) < B else penalised  # (R, V)
             temp = torch.tensor([params[i].temperature for i in rows], device=device)[:, None]
             # Subtracting the row max first keeps tiny temperatures from overflowing to inf - inf.
             sub = (sub - sub.max(dim=1, keepdim=True).values) / temp
@@ -331,7 +352,9 @@ class Sampler:
                 torch.tensor([params[i].top_p for i in rows], device=device),
                 torch.tensor([params[i].min_p for i in rows], device=device),
             )
-            token_ids[idx] = _draw(sub.softmax(dim=1), [generators[i] for i in rows])
+            # The row max is 0 (the most likely token survives truncation): exp() <= 1, and
+            # `_draw` needs no normalised probabilities.
+            token_ids[idx] = _draw(sub.exp(), [generators[i] for i in rows])
         return SampleOutput(token_ids.tolist(), self._logprobs(scored, token_ids, params))
 
     @staticmethod
