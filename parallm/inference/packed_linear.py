@@ -18,7 +18,7 @@ before; so does every layer on a GPU, and where oneDNN is not built in.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -47,29 +47,31 @@ class PackedLinears:
         self.layers = (
             [m for m in model.modules() if type(m) is nn.Linear] if can_pack(model) else []
         )
-        # layer -> ((storage pointer, version) of the weight it was packed from, packed weight)
-        self._packed: dict[nn.Linear, tuple[tuple[int, int], torch.Tensor]] = {}
+        # layer -> ((storage pointer, version) of the weight it was packed from, its forward)
+        self._packed: dict[nn.Linear, tuple[tuple[int, int], Callable]] = {}
 
-    def packed_weight(self, layer: nn.Linear) -> torch.Tensor:
+    def packed_forward(self, layer: nn.Linear):
+        """`layer`'s forward on its packed weight (packed again if the weight has changed)."""
         weight = layer.weight
         key = (weight.data_ptr(), weight._version)
         cached = self._packed.get(layer)
         if cached is None or cached[0] != key:
             with torch.no_grad():
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
-            cached = self._packed[layer] = (key, packed)
+            cached = self._packed[layer] = (key, _packed_forward(packed, layer.bias))
         return cached[1]
 
     @contextmanager
     def active(self) -> Iterator[None]:
         """Every layer runs on its packed weight inside (packed now if new or changed)."""
+        # Through the instance __dict__: nn.Module.__setattr__ would cost more than the check.
         for layer in self.layers:
-            layer.forward = _packed_forward(self.packed_weight(layer), layer.bias)
+            layer.__dict__["forward"] = self.packed_forward(layer)
         try:
             yield
         finally:
             for layer in self.layers:
-                del layer.forward  # the instance attribute: back to nn.Linear.forward
+                del layer.__dict__["forward"]  # back to nn.Linear.forward
 
 
 def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None):
