@@ -568,6 +568,11 @@ def _add_serve_options(serve: argparse.ArgumentParser, db_help: str) -> None:
     serve.add_argument(
         "--video-threads", type=int, help="torch threads of the video worker (default: cores/2)"
     )
+    serve.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads of the text engine (default: $OMP_NUM_THREADS, else cores - 1)",
+    )
     serve.set_defaults(
         **{f.name: f.default for f in fields(ServerConfig) if f.default is not MISSING}
     )

@@ -160,6 +160,7 @@ def test_every_serve_option_is_a_server_config_field():
         ({"log_level": "loud"}, ("--log-level: 'loud'", "warning")),
         ({"served_model_name": ""}, ("--served-model-name: ''",)),
         ({"model": ""}, ("--model: ''",)),
+        ({"threads": 0}, ("--threads: 0", ">= 1")),
     ],
 )
 def test_server_config_errors_name_the_option(changes, needles):
@@ -179,3 +180,13 @@ def test_server_config_engine_part():
     assert ServerConfig(model="m", kv_cache_memory=0.5).engine_config().kv_cache_memory == 0.5
     assert ServerConfig(model="m").model_name == "m"
     assert ServerConfig(model="m", served_model_name="demo").model_name == "demo"
+
+
+def test_engine_threads_leave_a_core_to_the_event_loop_unless_told():
+    from parallm.serve.config import engine_threads
+
+    assert engine_threads(None, environ={}, cores=2) == 1
+    assert engine_threads(None, environ={}, cores=16) == 15
+    assert engine_threads(None, environ={}, cores=1) == 1
+    assert engine_threads(3, environ={"OMP_NUM_THREADS": "1"}, cores=2) == 3
+    assert engine_threads(None, environ={"OMP_NUM_THREADS": "2"}, cores=2) is None  # torch's

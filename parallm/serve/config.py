@@ -6,6 +6,7 @@ defaults from here on any install.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -79,6 +80,8 @@ class ServerConfig:
     max_video_pixels: int = 1280 * 720
     max_video_steps: int = 100
     video_threads: int | None = None  # default: half the cores, at least 1
+    # torch threads of the text engine; default: OMP_NUM_THREADS if set, else `engine_threads`.
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         # argparse gives None (no --lora) or a list; the config holds a tuple either way.
@@ -98,6 +101,8 @@ class ServerConfig:
             "max_lora_rank",
         ):
             _check_range(name, getattr(self, name), 1)
+        if self.threads is not None:
+            _check_range("threads", self.threads, 1)
         self.lora_adapters()  # each NAME=DIR well-formed, names unique and not the model's
         if self.max_model_len is not None:
             _check_range("max_model_len", self.max_model_len, 1)
@@ -196,6 +201,21 @@ class ServerConfig:
             max_loras=self.max_loras,
             max_lora_rank=self.max_lora_rank,
         )
+
+
+def engine_threads(threads: int | None, environ=os.environ, cores: int | None = None) -> int | None:
+    """The torch threads `parallm serve` gives its text engine: `threads` if given; None (torch's
+    own choice) when OMP_NUM_THREADS is set; else the cores less one, at least 1. The HTTP event
+    loop shares the process (and the GIL) with the engine thread: with a thread per core, each
+    step's parallel regions wait on a thread the event loop or a client has taken off its core.
+    Measured on 2 cores with the client on the same machine (`docs/benchmarks.md`), median
+    TPOT at 4 requests/s: 24.8 ms with 2 threads, 9.5 ms with 1. vLLM's CPU backend keeps a
+    core free in the same way."""
+    if threads is not None:
+        return threads
+    if environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, (cores if cores is not None else os.cpu_count() or 1) - 1)
 
 
 def _check_range(name: str, value: int, low: int, high: int | None = None) -> None:

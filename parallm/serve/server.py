@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 
+import torch
 import uvicorn
 
 from parallm.errors import UserError
@@ -18,7 +19,7 @@ from parallm.models.peft_format import read_adapter
 from parallm.serve.access_log import RequestLog
 from parallm.serve.app import ServerState, build_app
 from parallm.serve.async_engine import AsyncEngine
-from parallm.serve.config import ServerConfig
+from parallm.serve.config import ServerConfig, engine_threads
 from parallm.serve.drain import DrainGate, DrainingServer
 from parallm.serve.keystore import KeyStore
 from parallm.serve.video_jobs import VideoLimits, VideoService
@@ -34,6 +35,8 @@ def serve(config: ServerConfig) -> int:
     adapters = _check_adapters(config)
     keystore = None if config.no_auth else KeyStore(config.db)
     videos = _load_videos(config)  # its own process: loads while the text model does
+    if (threads := engine_threads(config.threads)) is not None:
+        torch.set_num_threads(threads)
     # One process: with tensor_parallel_size N it spawns the N - 1 workers itself.
     engine = LLMEngine(config.model, engine_config)
     try:
