@@ -1,6 +1,7 @@
 """The portable paged backend's grouping: every sequence in exactly one group, padding bounded,
 and a step of mixed decodes and prompt chunks equal to each sequence's own full forward."""
 
+import itertools
 import random
 
 import torch
@@ -33,12 +34,16 @@ def test_group_rows_partitions_and_bounds_padding():
 
 
 def test_decodes_share_groups_of_bounded_context_and_a_long_chunk_gets_its_own():
-    lengths = [1] * 32 + [256]
-    contexts = [300 + i for i in range(32)] + [256]
-    groups = group_rows(lengths, contexts)
-    per_group = MAX_GROUP_CONTEXT // 331  # the most decodes of contexts up to 331 in one gather
-    decodes = [list(range(i, min(i + per_group, 32))) for i in range(0, 32, per_group)]
-    assert sorted(map(sorted, groups)) == sorted(decodes + [[32]])
+    lengths = [1] * 64 + [256]
+    contexts = [300 + i for i in range(64)] + [256]
+    groups = sorted(map(sorted, group_rows(lengths, contexts)))
+    assert [64] in groups
+    decodes = [g for g in groups if g != [64]]
+    assert len(decodes) > 1 and sorted(i for g in decodes for i in g) == list(range(64))
+    for g, following in itertools.pairwise(decodes):
+        assert len(g) * max(contexts[i] for i in g) <= MAX_GROUP_CONTEXT
+        # Each group is as large as the bound allows: the next decode would not fit.
+        assert (len(g) + 1) * contexts[following[0]] > MAX_GROUP_CONTEXT
 
 
 def test_mixed_step_equals_full_forward():

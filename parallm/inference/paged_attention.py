@@ -69,9 +69,11 @@ PAD_POS = 2**40  # the position of padding context entries: past any query, so a
 MAX_PADDING_COST = 1.25
 # ... and may gather at most this many context rows (sequences x longest context) at once: a
 # gather that outgrows the CPU's caches is then read back from memory by SDPA (64 decodes of
-# ~370 context positions: ~21 ms in one call, ~8 ms in groups of 4-16; the whole 20m workload
-# of `bench infer`, one thread, 462 -> 494 output tok/s, medians of 3 interleaved runs).
-MAX_GROUP_CONTEXT = 1024
+# ~370 context positions: ~21 ms in one call, ~8 ms in groups of 4-16), while groups of a
+# sequence or two multiply the calls. 20m shape, 2 threads, output tok/s: 48 requests of
+# 100-1024 / 100-512 tokens (single runs) 342 (1024 rows), 321 (2048), 444 and 387 (4096), 369
+# (8192), 308 (16384), 287 (no bound); 64 of 16-256 / 16-256 (medians of 3) 639, 634, 617.
+MAX_GROUP_CONTEXT = 4096
 
 
 def group_rows(lengths: list[int], contexts: list[int]) -> list[list[int]]:
