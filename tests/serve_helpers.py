@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 
+from parallm.bench.serve import stop as stop_server
 from parallm.testing.timeouts import scaled
 from parallm.tokenizer import Tokenizer
 from tests.hf_models import save_hf_model_with_tokenizer
@@ -105,12 +106,7 @@ def running_server(
             time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)  # SIGTERM, SIGKILL after 30 s
         log.close()
         os.unlink(log.name)
 
