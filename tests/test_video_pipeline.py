@@ -79,7 +79,9 @@ def test_a_prompt_gets_the_same_video_alone_or_in_a_batch(pipe):
     first = pipe.generate(PROMPTS[:1], **SIZE, steps=3, guidance=4.0, seed=1)
     # Index 1 of the batch draws noise from (seed, 1): alone it is index 0, so seed and index
     # both matter; the first prompt's video does not depend on the second prompt being there.
-    torch.testing.assert_close(both[:1], first, atol=1e-5, rtol=0)
+    # A batch of 2 and a batch of 1 run GEMMs of other shapes, whose sums round differently
+    # (up to 1.1e-5 seen after guidance x4 over 3 steps); wrong noise would differ by ~1.
+    torch.testing.assert_close(both[:1], first, atol=1e-4, rtol=0)
     assert (both[0] - both[1]).abs().max() > 0.1
 
 
