@@ -4,8 +4,10 @@ and a step of mixed decodes and prompt chunks equal to each sequence's own full 
 import itertools
 import random
 
+import pytest
 import torch
 
+from parallm.inference import cpu_decode
 from parallm.inference.paged_attention import (
     MAX_GROUP_CONTEXT,
     MAX_PADDING_COST,
@@ -46,9 +48,13 @@ def test_decodes_share_groups_of_bounded_context_and_a_long_chunk_gets_its_own()
         assert (len(g) + 1) * contexts[following[0]] > MAX_GROUP_CONTEXT
 
 
-def test_mixed_step_equals_full_forward():
+@pytest.mark.parametrize("decode_kernel", [False, True], ids=["gather", "kernel"])
+def test_mixed_step_equals_full_forward(decode_kernel):
     """16 sequences in one step, decodes and prompt chunks of many lengths (several groups),
-    with a sliding-window layer: each row equals the full forward of its own sequence."""
+    with a sliding-window layer: each row equals the full forward of its own sequence, with the
+    decode rows through gather + SDPA and through the CPU decode kernel."""
+    if decode_kernel and cpu_decode.load() is None:
+        pytest.skip("the CPU decode kernel does not build here (no C compiler)")
     torch.manual_seed(0)
     args = ModelArgs(
         vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64,
@@ -60,7 +66,8 @@ def test_mixed_step_equals_full_forward():
     block = 4
     pool = KVPool(args, num_blocks=200, block_size=block, n_kv_heads=2, dtype=torch.float32,
                   device="cpu")  # fmt: skip
-    backend = PagedAttention(pool)
+    backend = PagedAttention(pool, decode_kernel=decode_kernel)
+    assert backend.decode_kernel == decode_kernel
     rng = random.Random(1)
     seqs, tables, next_block = [], [], 0
     for _ in range(16):

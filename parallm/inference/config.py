@@ -37,6 +37,9 @@ class EngineConfig:
     # On a CPU (float32, oneDNN built in): linear layers run on packed copies of their weights
     # during steps (`packed_linear.py`; faster, a second copy of those weights in memory).
     packed_linears: bool = True
+    # On a CPU (float32, a C compiler at hand): the portable backend's decode rows read the KV
+    # cache in place through a compiled kernel (`cpu_decode.py`) instead of gather + SDPA.
+    decode_kernel: bool = True
 
     def __post_init__(self) -> None:
         from parallm.inference.flex_attention import BACKENDS

@@ -176,13 +176,14 @@ class FlexPagedAttention:
 BACKENDS = ("portable", "flex", "auto")
 
 
-def make_backend(name: str, pool: KVPool) -> AttentionBackend:
-    """The paged attention backend called `name`: "portable" (`PagedAttention`, plain torch),
-    "flex" (`FlexPagedAttention`) or "auto" (flex when the pool is on CUDA, else portable)."""
+def make_backend(name: str, pool: KVPool, *, decode_kernel: bool = True) -> AttentionBackend:
+    """The paged attention backend called `name`: "portable" (`PagedAttention`, plain torch;
+    with `decode_kernel`, its CPU decode kernel where it serves), "flex" (`FlexPagedAttention`)
+    or "auto" (flex when the pool is on CUDA, else portable)."""
     if name == "auto":
         name = "flex" if pool.k[0].device.type == "cuda" else "portable"
     if name == "portable":
-        return PagedAttention(pool)
+        return PagedAttention(pool, decode_kernel=decode_kernel)
     if name == "flex":
         return FlexPagedAttention(pool)
     raise UserError(f"attention_backend={name!r}: valid backends are {', '.join(BACKENDS)}")

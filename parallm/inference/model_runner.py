@@ -85,6 +85,7 @@ class ModelRunner:
         attention_backend: str = "auto",
         lora: LoraBank | None = None,
         packed_linears: bool = True,
+        decode_kernel: bool = True,
     ) -> None:
         self.model = model
         self.lora = lora
@@ -101,7 +102,7 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
         )
-        self.backend = make_backend(attention_backend, self.pool)
+        self.backend = make_backend(attention_backend, self.pool, decode_kernel=decode_kernel)
         # What each step's tokens may attend to: the family's rule (causal for language models).
         self.attention = spec.attention
         # On a CPU, linear layers run on oneDNN-packed weights during steps (packed_linear.py).

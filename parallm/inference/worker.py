@@ -100,6 +100,7 @@ def runner_for(
         attention_backend=config.attention_backend,
         lora=lora,
         packed_linears=config.packed_linears,
+        decode_kernel=config.decode_kernel,
     )
 
 
