@@ -285,7 +285,8 @@ def _draw(weights: torch.Tensor, generators: Sequence[torch.Generator | None]) -
     # float32 is enough: each token's share of the running sum is off by one rounding at most,
     # and a token of weight 0 leaves the sum unchanged, so it is never picked.
     w = weights.float()
-    blocks = F.pad(w, (0, -V % DRAW_BLOCK)).view(R, -1, DRAW_BLOCK)  # (R, V / block, block)
+    pad = -V % DRAW_BLOCK
+    blocks = (F.pad(w, (0, pad)) if pad else w).view(R, -1, DRAW_BLOCK)  # (R, V / block, block)
     block_sums = blocks.sum(dim=2)
     running = block_sums.cumsum(dim=1)  # (R, V / block)
     target = (u * running[:, -1])[:, None]
@@ -315,6 +316,14 @@ class Sampler:
     def __init__(self, logprobs_mode: str = "raw") -> None:
         assert logprobs_mode in LOGPROBS_MODES, logprobs_mode  # EngineConfig checks user input
         self.logprobs_mode = logprobs_mode
+        self._buffer = torch.empty(0)
+
+    def _scratch(self, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor shaped as `like`, in memory reused from call to call."""
+        buf = self._buffer
+        if buf.numel() < like.numel() or buf.dtype != like.dtype or buf.device != like.device:
+            self._buffer = buf = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+        return buf[: like.numel()].view(like.shape)
 
     @torch.inference_mode()
     def __call__(
@@ -341,9 +350,13 @@ class Sampler:
         if rows:
             idx = torch.tensor(rows, device=device)
             sub = penalised[idx] if len(rows) < B else penalised  # (R, V)
-            temp = torch.tensor([params[i].temperature for i in rows], device=device)[:, None]
+            temps = [params[i].temperature for i in rows]
             # Subtracting the row max first keeps tiny temperatures from overflowing to inf - inf.
-            sub = (sub - sub.max(dim=1, keepdim=True).values) / temp
+            # Into a buffer kept across steps, then in place: on a CPU each fresh tensor of a
+            # few MB costs its page faults (34 x 16k rows: 18.6 ms a call with four, 2 with none).
+            sub = torch.sub(sub, sub.amax(dim=1, keepdim=True), out=self._scratch(sub))
+            if any(t != 1 for t in temps):
+                sub.div_(torch.tensor(temps, device=device)[:, None])
             if processed and any(p.logprobs is not None for p in params):
                 scored = penalised.index_copy(0, idx, sub)  # a shift leaves log_softmax alone
             sub = truncate(
@@ -354,7 +367,7 @@ class Sampler:
             )
             # The row max is 0 (the most likely token survives truncation): exp() <= 1, and
             # `_draw` needs no normalised probabilities.
-            token_ids[idx] = _draw(sub.exp(), [generators[i] for i in rows])
+            token_ids[idx] = _draw(sub.exp_(), [generators[i] for i in rows])
         return SampleOutput(token_ids.tolist(), self._logprobs(scored, token_ids, params))
 
     @staticmethod
