@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from parallm.inference.flex_attention import make_backend
+from parallm.inference.host_memory import keep_freed_memory
 from parallm.inference.lora import LoraBank
 from parallm.inference.packed_linear import PackedLinears
 from parallm.inference.paged_attention import KVPool, StepMetadata
@@ -91,6 +92,8 @@ class ModelRunner:
         self.lora = lora
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        if self.device.type == "cpu":
+            keep_freed_memory()  # steps reuse their freed tensors' pages (host_memory.py)
         self.block_size = block_size
         self.tp = tp
         spec = family_of_model(model)
