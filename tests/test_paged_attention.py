@@ -88,6 +88,8 @@ def test_mixed_step_equals_full_forward(decode_kernel):
         )
         if spans[0][0] > 0:
             assert len(md.groups) > 1
+        else:  # whole prompts: the causal rule without a mask, padding included
+            assert any(g.fresh and not bool(g.q_valid.all()) for g in md.groups)
         backend.metadata = md
         with torch.no_grad():
             outs.append(model(ids, pos, backend=backend)[0])

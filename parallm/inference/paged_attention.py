@@ -121,6 +121,9 @@ class PaddedBatch:
     # index of each: set by `select`.
     out_rows: torch.Tensor | None = None
     out_tokens: torch.Tensor | None = None
+    # Set by `select`: every sequence starts at position 0 (whole prompts, nothing cached), so
+    # its context is its queries and the plain causal rule holds, padding (at the end) included.
+    fresh: bool = False
     _masks: dict[AttentionSpec, torch.Tensor] = field(default_factory=dict)
 
     def select(self, rows: list[int], max_q: int, max_ctx: int, device) -> PaddedBatch:
@@ -136,6 +139,7 @@ class PaddedBatch:
             kv_pos=self.kv_pos[index, :max_ctx].to(device),
             out_rows=out_rows.to(device),
             out_tokens=q_index.flatten()[out_rows].to(device),
+            fresh=max_q == max_ctx and not bool(self.q_pos[index, 0].any()),
         )
 
     def mask(self, spec: AttentionSpec) -> torch.Tensor:
@@ -288,11 +292,15 @@ class PagedAttention:
             keys = k_cache.index_select(0, g.kv_slots.flatten()).unflatten(0, (n_seq, max_ctx))
             values = v_cache.index_select(0, g.kv_slots.flatten()).unflatten(0, (n_seq, max_ctx))
             queries = q[0].index_select(0, g.q_index.flatten()).unflatten(0, (n_seq, max_q))
-            keys, values, mask = keys.to(q.dtype), values.to(q.dtype), g.mask(attn.spec)
-            if max_q == 1:
-                out = _decode_sdpa(queries, keys, values, mask)
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
+            if g.fresh and attn.spec.window is None:
+                # Whole prompts: SDPA's own causal rule, which skips the blocks above the
+                # diagonal that a mask would only hide (prefill attention ~2x faster on a CPU).
+                out = sdpa(queries, keys, values, None, causal=True)
+            elif max_q == 1:
+                out = _decode_sdpa(queries, keys, values, g.mask(attn.spec))
             else:
-                out = sdpa(queries, keys, values, mask)  # (G, max_q, Hq, D)
+                out = sdpa(queries, keys, values, g.mask(attn.spec))  # (G, max_q, Hq, D)
             rows = out.flatten(0, 1).index_select(0, g.out_rows)  # the valid (non-padding) rows
             flat.index_copy_(0, g.out_tokens, rows)
         return flat[None]
