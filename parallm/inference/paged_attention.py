@@ -12,8 +12,8 @@ attention backend for it:
      blocks into a padded (G, max_ctx, Hkv, D);
   3. one SDPA call per group over padded queries (G, max_q, Hq, D) with a mask built from
      positions by the step's `AttentionSpec` (causal, and the layer's sliding window; the cache
-     serves only causal attention), then scatter the rows back to
-     (1, N, Hq, D).
+     serves only causal attention; a group of whole prompts without a window uses SDPA's own
+     causal rule instead), then scatter the rows back to (1, N, Hq, D).
 
 On a CPU in float32, the decode rows of a step (one new token per sequence) skip steps 2-3:
 `cpu_decode.paged_decode` reads their context straight from the pool, all of them in one call
