@@ -460,6 +460,11 @@ class VideoConfig:
     shape above); each clip goes to a bucket it can fill and each global batch is drawn from one
     bucket. `short_clips`: a clip with fewer frames than its bucket is left out ("drop", as
     Open-Sora does) or its last frame repeated ("pad"); either way it is counted in the log.
+
+    `temporal_pos_embed`: give a fresh model a fixed sine-cosine embedding of the frame index
+    (Open-Sora v1.0's; v1.2 has none, so its checkpoints leave it off). Its rotary temporal
+    attention sees only frame offsets, so without it a model generating from pure noise cannot
+    tell the first frame from the last (the demo's motion needs it).
     """
 
     frames: int = 16
@@ -474,6 +479,7 @@ class VideoConfig:
     vae: str = ""
     buckets: list[list[int]] = field(default_factory=list)
     short_clips: str = "drop"
+    temporal_pos_embed: bool = False
 
     def __post_init__(self) -> None:
         for bucket in self.buckets:

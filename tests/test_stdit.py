@@ -21,7 +21,13 @@ from parallm.models.attention import AttentionInputs
 from parallm.models.build import init_weights
 from parallm.models.hf import load_pretrained, read_args, save_pretrained
 from parallm.models.registry import family
-from parallm.models.stdit.model import STDiT3, STDiTArgs, initial_value, position_embedding_2d
+from parallm.models.stdit.model import (
+    STDiT3,
+    STDiTArgs,
+    initial_value,
+    position_embedding_1d,
+    position_embedding_2d,
+)
 
 D, H, N, C, CY, L = 2, 32, 4, 3, 12, 6
 PATCH = (1, 2, 2)
@@ -210,6 +216,7 @@ def test_trainable_caption_encoder_round_trips(tmp_path):
         ({"patch_size": [1, 2]}, "patch_size"),
         ({"skip_y_embedder": True}, "skip_y_embedder"),
         ({"depth": 0}, "depth"),
+        ({"temporal_pos_embed": 1}, "temporal_pos_embed"),
     ],
 )
 def test_unsupported_config_is_one_line_user_error(tmp_path, over, field):
@@ -230,6 +237,25 @@ def test_missing_shape_field_is_named(tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="missing required field 'hidden_size'"):
         read_args(d)
+
+
+def test_temporal_position_embedding_round_trips_and_is_absent_from_open_sora_configs(tmp_path):
+    d, _ = opensora_dir(tmp_path)
+    assert read_args(d).temporal_pos_embed is False  # Open-Sora v1.2 has none
+    saved = save_pretrained(load_pretrained(d), tmp_path / "off")
+    assert "temporal_pos_embed" not in json.loads((saved / "config.json").read_text())
+
+    args = tiny_args(temporal_pos_embed=True)
+    model = random_model(args)
+    saved = save_pretrained(model, tmp_path / "on")
+    assert json.loads((saved / "config.json").read_text())["temporal_pos_embed"] is True
+    again = load_pretrained(saved)
+    assert again.args == args
+    # A fixed embedding: no parameter more than Open-Sora's layout.
+    assert set(again.state_dict()) == set(opensora_layout())
+    x = inputs()
+    with torch.no_grad():
+        assert torch.equal(model(**x), again(**x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,6 +430,37 @@ def test_position_embedding_is_open_soras_grid():
             torch.testing.assert_close(got[i * wp + j], torch.tensor(want), rtol=1e-5, atol=1e-6)
 
 
+def test_temporal_position_embedding_is_open_sora_v1s_and_tells_frames_apart():
+    """Off (Open-Sora v1.2), frames that are the same come out the same: rotary temporal
+    attention sees only frame offsets. On, the frame index is added to every patch token of a
+    frame ([sin, cos] of p / 10000^(i / (hidden/2)), Open-Sora v1.0's get_1d_sincos_pos_embed),
+    so the same frames come out different; nothing else changes."""
+    got = position_embedding_1d(8, 3, "cpu", torch.float32)
+    freqs = [1.0 / 10000 ** (k / 4) for k in range(4)]
+    for p in range(3):
+        want = [math.sin(p * f) for f in freqs] + [math.cos(p * f) for f in freqs]
+        torch.testing.assert_close(got[p], torch.tensor(want), rtol=1e-6, atol=1e-6)
+
+    off = random_model()
+    on = random_model(tiny_args(temporal_pos_embed=True))
+    assert torch.equal(off.x_embedder.proj.weight, on.x_embedder.proj.weight)  # same weights
+    x = inputs(t=4)
+    still = x | {"x": x["x"][:, :, :1].expand(-1, -1, 4, -1, -1)}  # one frame, repeated
+    with torch.no_grad():
+        out_off, out_on = off(**still), on(**still)
+        # Adding the embedding by hand to the patch-embedding's output of the plain model gives
+        # the model with the embedding.
+        frames = position_embedding_1d(H, 4, "cpu", torch.float32)  # (T, H)
+        by_hand = copy.deepcopy(off)
+        by_hand.x_embedder.proj.register_forward_hook(
+            lambda _m, _i, o: o + frames.T[None, :, :, None, None]
+        )
+        torch.testing.assert_close(by_hand(**x), on(**x), rtol=1e-5, atol=1e-5)
+    for i in range(1, 4):
+        torch.testing.assert_close(out_off[:, :, i], out_off[:, :, 0], rtol=1e-5, atol=1e-5)
+        assert (out_on[:, :, i] - out_on[:, :, 0]).abs().max() > 1e-2
+
+
 def test_caption_token_ids_and_dropped_captions():
     args = tiny_args(caption_vocab_size=11, caption_encoder_layers=2)
     model = random_model(args)
@@ -467,5 +524,8 @@ def test_facts_and_args_from_config():
     got = spec.args_from_config(Job(), 100)
     assert (got.hidden_size, got.depth, got.num_heads, got.patch_size) == (64, 3, 4, (1, 4, 4))
     assert (got.model_max_length, got.caption_channels, got.caption_vocab_size) == (20, 32, 100)
+    assert got.temporal_pos_embed is False
+    Video.temporal_pos_embed = True
+    assert spec.args_from_config(Job(), 100).temporal_pos_embed is True
     Video.text_encoder = "/models/t5"
     assert spec.args_from_config(Job(), 100).caption_vocab_size == 0

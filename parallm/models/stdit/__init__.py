@@ -42,9 +42,10 @@ def _flops_per_token(args: STDiTArgs, seq_len: int) -> float:
 
 def _args_from_config(cfg: Any, vocab_size: int) -> STDiTArgs:
     """A fresh model from the job config: `[model]` (dim -> hidden_size, n_layers -> depth,
-    n_heads) and `[video]` (patch, channels, caption_length, caption_channels, text_encoder:
-    "trainable" gives the model its own caption encoder over `vocab_size` tokens). Also takes
-    the `[model]` section alone (then the `[video]` defaults below apply)."""
+    n_heads) and `[video]` (patch, channels, caption_length, caption_channels,
+    temporal_pos_embed, text_encoder: "trainable" gives the model its own caption encoder over
+    `vocab_size` tokens). Also takes the `[model]` section alone (then the `[video]` defaults
+    below apply)."""
     model = getattr(cfg, "model", cfg)
     video = getattr(cfg, "video", None)
     trainable = getattr(video, "text_encoder", "trainable") == "trainable"
@@ -57,6 +58,7 @@ def _args_from_config(cfg: Any, vocab_size: int) -> STDiTArgs:
         caption_channels=getattr(video, "caption_channels", 4096),
         model_max_length=getattr(video, "caption_length", 300),
         caption_vocab_size=vocab_size if trainable else 0,
+        temporal_pos_embed=getattr(video, "temporal_pos_embed", False),
     )
 
 

@@ -30,6 +30,7 @@ _DEFAULTS: dict[str, Any] = {
     "class_dropout_prob": 0.1,
     "caption_vocab_size": 0,
     "caption_encoder_layers": 2,
+    "temporal_pos_embed": False,
 }
 _REQUIRED = ("depth", "hidden_size", "num_heads")
 # Open-Sora fields whose non-default value changes the computation parallm implements.
@@ -79,7 +80,7 @@ def args_from_hf(cfg: dict, source: str = "config.json") -> STDiTArgs:
     mlp_ratio = _field(cfg, "mlp_ratio", source)
     if not isinstance(mlp_ratio, int | float) or int(hidden * mlp_ratio) < 1:
         raise UserError(f"{source}: mlp_ratio={mlp_ratio!r} is not valid; must be > 0")
-    for key in ("qk_norm", "pred_sigma"):
+    for key in ("qk_norm", "pred_sigma", "temporal_pos_embed"):
         if not isinstance(_field(cfg, key, source), bool):
             raise UserError(f"{source}: {key}={cfg[key]!r} is not valid; must be true or false")
     return STDiTArgs(
@@ -97,12 +98,15 @@ def args_from_hf(cfg: dict, source: str = "config.json") -> STDiTArgs:
         class_dropout_prob=float(_field(cfg, "class_dropout_prob", source)),
         caption_vocab_size=_int(cfg, "caption_vocab_size", source, minimum=0),
         caption_encoder_layers=_int(cfg, "caption_encoder_layers", source, minimum=0),
+        temporal_pos_embed=_field(cfg, "temporal_pos_embed", source),
     )
 
 
 def args_to_hf(args: STDiTArgs, dtype: str) -> dict:
     """A `config.json` dict Open-Sora's `STDiT3Config` reads (plus parallm's caption encoder
-    fields, 0 / ignored for an Open-Sora model)."""
+    fields, 0 / ignored for an Open-Sora model, and `temporal_pos_embed`, written only when on,
+    since Open-Sora v1.2 has no such embedding)."""
+    extra = {"temporal_pos_embed": True} if args.temporal_pos_embed else {}
     return {
         "architectures": ["STDiT3"],
         "model_type": "STDiT3",
@@ -125,6 +129,7 @@ def args_to_hf(args: STDiTArgs, dtype: str) -> dict:
         "bos_token_id": None,
         "eos_token_id": None,
         "pad_token_id": None,
+        **extra,
     }
 
 

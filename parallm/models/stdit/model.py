@@ -12,6 +12,9 @@ Sequence parallelism is applied from outside: `spatial_shard` keeps one rank's s
 spatial tokens and `default_backend` (a context-parallel attention backend) makes the spatial
 attention see every rank's keys; temporal attention and cross-attention need no communication.
 
+`temporal_pos_embed` (off for Open-Sora v1.2 checkpoints, which have none) adds a fixed
+sine-cosine embedding of the frame index to the patch tokens, as Open-Sora v1.0's STDiT did.
+
 Activations are kept as (B, T, S, C) between blocks (Open-Sora flattens them to (B, T*S, C); the
 token order is the same).
 """
@@ -54,6 +57,12 @@ class STDiTArgs:
     # the model; `y` is then token ids (B, L) instead of embeddings.
     caption_vocab_size: int = 0
     caption_encoder_layers: int = 2
+    # parallm extension (off in Open-Sora v1.2 checkpoints): a fixed 1-D sine-cosine embedding of
+    # the frame index added to every patch token with the 2-D one (Open-Sora v1.0's STDiT had
+    # this `pos_embed_temporal`, added to its first temporal attention's input). Rotary temporal
+    # attention only sees frame offsets, so without it nothing tells frame 0 from frame T-1
+    # where the input does not (pure noise).
+    temporal_pos_embed: bool = False
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)
@@ -218,6 +227,15 @@ def position_embedding_2d(
         return torch.cat([torch.sin(out), torch.cos(out)], dim=-1)
 
     return torch.cat([sin_cos(col), sin_cos(row)], dim=-1).to(dtype)
+
+
+def position_embedding_1d(hidden: int, length: int, device, dtype) -> torch.Tensor:
+    """Open-Sora v1.0's `get_1d_sincos_pos_embed(hidden, length)`: (length, hidden), position p
+    as [sin(p w), cos(p w)] over the hidden/2 frequencies w = 1 / 10000^(i / (hidden/2))."""
+    half = hidden // 2
+    omega = 1.0 / 10000 ** (torch.arange(half, device=device, dtype=torch.float64) / half)
+    out = torch.arange(length, device=device, dtype=torch.float64)[:, None] * omega[None]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=-1).to(dtype)
 
 
 class Rotary(nn.Module):
@@ -575,6 +593,9 @@ class STDiT3(nn.Module):
         h = h + position_embedding_2d(
             self.args.hidden_size, hp, wp, scale, round(s**0.5), x.device, h.dtype
         )
+        if self.args.temporal_pos_embed:
+            frames = position_embedding_1d(self.args.hidden_size, h.shape[1], x.device, h.dtype)
+            h = h + frames[:, None]  # (T', 1, H): the same for every patch of a frame
         lo, hi = self.shard_range(s)
         h = h[:, :, lo:hi]
         attn = None
