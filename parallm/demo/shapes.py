@@ -51,7 +51,13 @@ FPS = 8.0
 # Pixels whose largest channel difference from the background exceeds this are the shape.
 SHAPE_THRESHOLD = 60
 MIN_MOVE = 0.1  # of the frame size: less is "not moving"
-TRAVEL = 0.5  # of the frame size, from the first frame to the last
+TRAVEL = 0.35  # of the frame size, from the first frame to the last
+# Where a path starts: this fraction of its travel before the frame's centre, so it runs from
+# near the centre out towards the edge it is named for. (A path centred on the frame, as before,
+# puts a "left" and a "right" shape on the same pixels over the clip: neither the word alone nor
+# the frame index alone then says anything about where the shape is, only the two together, and
+# the model never learnt that. Paths starting at the centre make each informative alone.)
+START_BEHIND = 0.2
 JITTER = 0.1  # of the frame size: how far a path's start varies along its direction
 
 
@@ -84,15 +90,16 @@ def combos() -> tuple[list[Combo], list[Combo]]:
 
 def render(combo: Combo, *, frames: int, size: int, rng: random.Random) -> np.ndarray:
     """uint8 (frames, size, size, 3): the shape travelling TRAVEL of the frame in its
-    direction, on a path centred along the motion (give or take JITTER of the frame) at a random
-    place across it, inside the frame."""
+    direction from near the centre (START_BEHIND of the travel before it, give or take JITTER
+    of the frame) towards the edge, at a random place across the motion, inside the frame."""
     r = max(2.0, size / 6.4)  # circle radius, and half the square's side
     travel = TRAVEL * size
     dx, dy = DIRECTIONS[combo.direction]
     lo, hi = r + 0.5, size - 1.5 - r
-    room = (hi - travel - lo) / 2  # how far the path can move along without leaving the frame
-    jitter = min(JITTER * size, room)
-    along = lo + room + rng.uniform(-jitter, jitter)
+    # The start, measured from the edge the shape moves away from, kept inside the frame.
+    start = (size - 1) / 2 - START_BEHIND * travel
+    jitter = max(0.0, min(JITTER * size, start - lo, hi - travel - start))
+    along = min(max(lo, start + rng.uniform(-jitter, jitter)), hi - travel)
     across = rng.uniform(lo, hi)
     if dx:
         x0, y0 = (along if dx > 0 else size - 1 - along), across
