@@ -85,9 +85,11 @@ def test_score_counts_against_chance():
 
 def test_a_short_training_run_beats_chance_on_held_out_prompts(tmp_path):
     """The demo end to end at a reduced size: data, `parallm train` (the flow task on a tiny
-    STDiT3 with the demo's frame embedding and timestep_loc), then generation of held-out
-    prompts scored by the tracker. Only colour is asserted: direction needs ~1,000 steps at
-    this size (56-81% on 16 held-out prompts, ~90 s on a busy CPU); at 250 it is at chance."""
+    STDiT3 with the demo's frame embedding), then generation of held-out prompts scored by the
+    tracker. Only colour is asserted: direction needs ~1,000 steps at this size and the demo's
+    timestep_loc 2 (56-81% on 16 held-out prompts, ~90 s on a busy CPU); at 250 or 400 steps
+    it is at chance, and timestep_loc 2 made colour less steady there (25-100%; 69-94% at
+    the default 0), so the test keeps the default."""
     from parallm.config import JobConfig, load_config
     from parallm.train.trainer import Trainer
 
@@ -106,7 +108,6 @@ def test_a_short_training_run_beats_chance_on_held_out_prompts(tmp_path):
         "--video.caption_length=8",
         "--video.caption_channels=64",
         "--video.temporal_pos_embed=true",
-        "--task.timestep_loc=2.0",
         "--train.steps=250",
         "--train.batch_size=16",
         "--train.lr=3e-3",
