@@ -48,3 +48,27 @@ def test_nothing_is_packed_off_float32():
     model = tiny_model().to(torch.bfloat16)
     assert not can_pack(model)
     assert PackedLinears(model).layers == []
+
+
+def test_sibling_projections_share_one_gemm_and_stay_exact():
+    model = tiny_model()
+    packed = PackedLinears(model)
+    attn, mlp = model.layers["1"].self_attn, model.layers["1"].mlp
+    assert (attn.q_proj, attn.k_proj, attn.v_proj) in packed.groups
+    assert (mlp.gate_proj, mlp.up_proj) in packed.groups
+    assert len(packed.groups) == 4 and len(packed.single) == 2 * 2 + 1  # o, down; the head
+    x, other = torch.randn(1, 5, 48), torch.randn(1, 5, 48)
+    with torch.no_grad():  # k_proj changes: the whole group is packed again
+        attn.k_proj.weight.add_(0.5)
+    with torch.inference_mode(), packed.active():
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        k_other = attn.k_proj(other)  # another input: its own result, not the one kept for x
+        v_again = attn.v_proj(x)  # a second call: computed again
+        kept = [fused.kept for fused in packed._fused.values()]
+        assert any(kept)  # the group of `other` still keeps q and v for it
+    assert not any(fused.kept or fused.input is not None for fused in packed._fused.values())
+    for layer, got, inp in [(attn.q_proj, q, x), (attn.k_proj, k, x), (attn.v_proj, v, x),
+                            (attn.k_proj, k_other, other), (attn.v_proj, v_again, x)]:  # fmt: skip
+        torch.testing.assert_close(
+            got, F.linear(inp, layer.weight, layer.bias), rtol=1e-5, atol=1e-5
+        )

@@ -143,6 +143,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    # Projections of one input: the engine may run them as one GEMM (inference/packed_linear.py).
+    FUSED_LINEARS = (("q_proj", "k_proj", "v_proj"),)
+
     def __init__(self, args: ModelArgs, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -170,6 +173,8 @@ class Attention(nn.Module):
 
 class FeedForward(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    FUSED_LINEARS = (("gate_proj", "up_proj"),)  # as Attention's
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
