@@ -176,9 +176,9 @@ class StepMetadata(PaddedBatch):
     @cached_property
     def _sizes(self) -> tuple[list[int], list[int]]:
         """Each sequence's new tokens and context length."""
-        return self.host.q_valid.sum(dim=1).tolist(), (self.host.kv_pos < PAD_POS).sum(
-            dim=1
-        ).tolist()
+        lengths = self.host.q_valid.sum(dim=1).tolist()
+        contexts = (self.host.kv_pos < PAD_POS).sum(dim=1).tolist()
+        return lengths, contexts
 
     def _grouped(self, rows: list[int]) -> list[PaddedBatch]:
         lengths, contexts = self._sizes
