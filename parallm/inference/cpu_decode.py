@@ -5,19 +5,19 @@ tensor, then SDPA reads that copy: the cache is read twice and written once per 
 vLLM's CPU backend avoids this with a C++ paged-attention kernel; this is the same idea for the
 decode rows of a step (one new token per sequence), which are most of a serving step:
 
-    for each sequence b and KV head g (in parallel):
-        for each of the r = Hq / Hkv query heads i of g:
-            s_j = scale * q[b, g r + i] . K[slot(b, j), g]     j over b's context (or window)
-            out[b, g r + i] = sum_j softmax(s)_j V[slot(b, j), g]
+    for each sequence b (in parallel), each query head h, its KV head g = h / (Hq / Hkv):
+        s_j = scale * q[b, h] . K[slot(b, j), g]     j over b's context (or its window)
+        out[b, h] = sum_j softmax(s)_j V[slot(b, j), g]
 
-K and V rows are read straight from their slots, each once per (sequence, KV head), with the r
-query heads that share them. Sums run in another order than SDPA's, so results equal the
-portable path up to float32 rounding (tests: within 1e-5, and greedy tokens equal).
+A slot's K (and V) rows for every head are one contiguous run, read straight from the pool once
+per sequence, with every query head that uses them. Sums run in another order than SDPA's, so
+results equal the portable path up to float32 rounding (tests: within 1e-5; greedy tokens
+equal). Measured: ~6.7 GB/s of K/V in the engine on the development VM, its memory bandwidth.
 
 The kernel is C compiled at first use with the system's C compiler (`cc`, -O3 for the host CPU,
-OpenMP over (sequence, KV head) on torch's own OpenMP runtime, which the process has loaded
-already) into a cache directory ($PARALLM_KERNEL_CACHE, else ~/.cache/parallm/kernels), keyed
-by the source, the flags and the CPU. Without a compiler, or if the build fails, `load()`
+OpenMP over sequences on torch's own OpenMP runtime, which the process has loaded already)
+into a cache directory ($PARALLM_KERNEL_CACHE, else ~/.cache/parallm/kernels), keyed by the
+source, the flags and the CPU. Without a compiler, or if the build fails, `load()`
 returns None once with a warning, and the portable path serves every step.
 """
 
