@@ -181,7 +181,7 @@ def paged_decode(
     float32 and contiguous on the CPU; the caches (slots, Hkv, D)."""
     lib = load()
     assert lib is not None, "check usable() first"
-    n_tok, hq, d = q.shape
+    _, hq, d = q.shape
     hkv = k_cache.shape[1]
     assert hq % hkv == 0, f"{hq} query heads over {hkv} KV heads"
     for t in (q, out, k_cache, v_cache, tokens, slots, lengths):

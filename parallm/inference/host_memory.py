@@ -8,8 +8,8 @@ every step, so they kept coming back as new pages that fault in on first touch: 
 development VM a 2.2 MB subtraction took 0.97 ms into a new tensor and 0.22 ms into an existing
 one. Raising both thresholds keeps freed memory in the heap for the next step, as the tcmalloc
 that vLLM's CPU guide preloads would: prefill of 48 prompts of 100-1024 tokens at 1 thread,
-11.4 -> 10.2 CPU s (medians of 3 interleaved; 1 GiB thresholds gave the same). The cost: the process keeps up to `TRIM` bytes
-of freed memory mapped.
+11.4 -> 10.2 CPU s (medians of 3 interleaved; 1 GiB thresholds gave the same). The cost: the
+process keeps up to `TRIM` bytes of freed memory mapped.
 
 Left alone where the user chose: glibc tunables in the environment, another allocator preloaded
 (LD_PRELOAD), or a C library without `mallopt`.

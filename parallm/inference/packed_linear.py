@@ -10,9 +10,9 @@ one GEMM (x: M x 384): a 384 -> 1024 projection 1.3-2x faster for M of 8-200, an
 Layers that always read the same input (a module's `FUSED_LINEARS`, e.g. an attention's q, k
 and v projections, an MLP's gate and up) run as one GEMM on their concatenated packed weights:
 the first layer called computes every member's output and the others take theirs when they are
-called with that same input tensor (any other input: their own GEMM). One GEMM instead of three
-(384 -> 384 + 128 + 128) at 34 rows: 284 -> 206 us; gate + up 620 -> 570 us; at 1 row 117 -> 55
-and 135 -> 94 us.
+called with that same input tensor (any other input: the fused GEMM again). One GEMM instead
+of three (384 -> 384 + 128 + 128) at 34 rows: 284 -> 206 us; gate + up 620 -> 570 us; at 1 row
+117 -> 55 and 135 -> 94 us.
 
 `PackedLinears(model)` finds the model's plain `nn.Linear` layers; inside `active()` each runs
 on its packed weight, outside they are untouched, so a trainer sharing the model
