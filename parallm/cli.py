@@ -573,6 +573,11 @@ def _add_serve_options(serve: argparse.ArgumentParser, db_help: str) -> None:
         type=int,
         help="torch threads of the text engine (default: $OMP_NUM_THREADS, else cores - 1)",
     )
+    serve.add_argument(
+        "--engine-in-process",
+        action="store_true",
+        help="run the text engine as a thread of the server, not in a process of its own",
+    )
     serve.set_defaults(
         **{f.name: f.default for f in fields(ServerConfig) if f.default is not MISSING}
     )

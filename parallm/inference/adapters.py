@@ -9,7 +9,6 @@ when the last of them has finished.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 from parallm.errors import UserError
@@ -37,7 +36,7 @@ class AdapterRegistry:
         self.max_loras = max_loras
         self.by_name: dict[str, LoadedAdapter] = {}
         self._slots: list[LoadedAdapter | None] = [None] * max_loras
-        self._keys = itertools.count(1)
+        self._last_key = 0  # a plain int: the registry pickles (a server's view of it)
 
     def check_name(self, name: str) -> None:
         """A UserError unless `name` is a valid name no loaded adapter has."""
@@ -66,7 +65,8 @@ class AdapterRegistry:
     def add(self, name: str, path: str, slot: int, rank: int) -> LoadedAdapter:
         """Record that `slot` (from `free_slot`) now holds the adapter `name` (checked)."""
         assert self._slots[slot] is None and name not in self.by_name
-        adapter = LoadedAdapter(name, path, slot, next(self._keys), rank)
+        self._last_key += 1
+        adapter = LoadedAdapter(name, path, slot, self._last_key, rank)
         self._slots[slot] = self.by_name[name] = adapter
         return adapter
 

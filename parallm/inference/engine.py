@@ -49,7 +49,7 @@ from parallm.inference.sampling import (
     compute_logprobs,
     make_generator,
 )
-from parallm.inference.scheduler import Scheduler, SchedulerConfig
+from parallm.inference.scheduler import Scheduler, SchedulerConfig, admission_error
 from parallm.inference.sequence import Sequence
 from parallm.inference.tp import TPGroup
 from parallm.inference.worker import (
@@ -106,7 +106,47 @@ class _Request:
     adapter: LoadedAdapter | None = None  # held until the request has finished
 
 
-class LLMEngine:
+class RequestChecks:
+    """The checks of a request that need no model, only the tokenizer, the vocabulary size and
+    the scheduler's limits: the engine's own, and those of a server whose engine runs in another
+    process (`parallm.serve.engine_process.EngineView`)."""
+
+    tokenizer: Tokenizer
+    vocab_size: int
+    max_model_len: int
+    scheduler_config: SchedulerConfig
+
+    def admission_error(self, p: int, k: int) -> tuple[str, str] | None:
+        """Why a request of `p` prompt tokens and `max_tokens` `k` could never run, as (the
+        field at fault, the message); None if it can."""
+        return admission_error(self.scheduler_config, p, k)
+
+    def check_request(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """The prompt's token ids if the request could run; else UserError naming the field at
+        fault (as the request's error from `add_request` would say, but before queueing it)."""
+        ids = self._prompt_ids(prompt)
+        found = self.admission_error(len(ids), params.max_tokens)
+        if found is not None:
+            raise UserError(found[1], param=found[0])
+        return ids
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt) if prompt else []
+        else:
+            ids = list(prompt)
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise UserError("prompt: token ids must be integers")
+        if not ids:
+            raise UserError("prompt: empty; give at least one token")
+        vocab = self.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise UserError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        return ids
+
+
+class LLMEngine(RequestChecks):
     """Continuous batching over a paged KV cache for one model directory (or, through
     `from_model`, one model in memory): the driver.
 
@@ -173,17 +213,16 @@ class LLMEngine:
         self.runner = runner
         self.tokenizer = tokenizer
         self.model = self.runner.model
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                max_model_len=self.max_model_len,
-                block_size=config.block_size,
-                num_blocks=self.runner.pool.num_blocks,
-                enable_prefix_caching=config.enable_prefix_caching,
-                enable_chunked_prefill=config.enable_chunked_prefill,
-            )
+        self.scheduler_config = SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            block_size=config.block_size,
+            num_blocks=self.runner.pool.num_blocks,
+            enable_prefix_caching=config.enable_prefix_caching,
+            enable_chunked_prefill=config.enable_chunked_prefill,
         )
+        self.scheduler = Scheduler(self.scheduler_config)
         self.sampler = Sampler(config.logprobs_mode)
         self.adapters = AdapterRegistry(config.max_loras)
         self.requests: dict[str, _Request] = {}
@@ -260,31 +299,12 @@ class LLMEngine:
                     seq.prompt_logits_from = 0
             self.scheduler.add(seq)
 
-    def check_request(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
-        """The prompt's token ids if the request could run; else UserError naming the field at
-        fault (as the request's error from `add_request` would say, but before queueing it)."""
-        ids = self._prompt_ids(prompt)
-        found = self.scheduler.admission_error(len(ids), params.max_tokens)
-        if found is not None:
-            raise UserError(found[1], param=found[0])
-        return ids
-
-    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt) if prompt else []
-        else:
-            ids = list(prompt)
-            if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                raise UserError("prompt: token ids must be integers")
-        if not ids:
-            raise UserError("prompt: empty; give at least one token")
-        vocab = self.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise UserError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        return ids
-
     # -- adapters ------------------------------------------------------------------------------
+
+    @property
+    def lora_enabled(self) -> bool:
+        """Whether adapters can be loaded (the engine was built with adapter slots)."""
+        return self.runner.lora is not None
 
     def add_lora(self, name: str, path: str | Path, *, field: str = "lora") -> LoadedAdapter:
         """Load the peft adapter directory `path` under `name` (between steps); a UserError

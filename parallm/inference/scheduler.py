@@ -119,46 +119,9 @@ class Scheduler:
         return None if found is None else found[1]
 
     def admission_error(self, p: int, k: int) -> tuple[str, str] | None:
-        """Why a request of `p` prompt tokens and `max_tokens` `k` could never run, as (the
-        field at fault, the message); None if it can. Front ends check it before queueing."""
-        c = self.config
-        if p < 1:
-            return "prompt", "prompt is empty; give at least one token"
-        if k < 1:
-            return "max_tokens", f"max_tokens: {k}; need at least 1"
-        if p > c.max_model_len - 1:
-            return "prompt", (
-                f"prompt has {p} tokens, but max_model_len={c.max_model_len} leaves room for at "
-                f"most {c.max_model_len - 1} prompt tokens (one must be generated)"
-            )
-        if p + k > c.max_model_len:
-            return "max_tokens", (
-                f"prompt ({p} tokens) + max_tokens ({k}) = {p + k} exceeds "
-                f"max_model_len={c.max_model_len}; lower max_tokens to at most {c.max_model_len - p}"
-            )
-        # KV is needed for every token but the last generated one.
-        longest = p + k - 1
-        blocks = -(-longest // c.block_size)
-        if blocks > c.num_blocks:
-            return "max_tokens", (
-                f"prompt ({p} tokens) + max_tokens ({k}) needs KV for {longest} tokens = {blocks} "
-                f"blocks of {c.block_size}, but the whole cache has {c.num_blocks} blocks "
-                f"({c.num_blocks * c.block_size} tokens)"
-            )
-        if not c.enable_chunked_prefill and longest > c.max_num_batched_tokens:
-            # Without chunking a sequence is prefilled in one step, and after a preemption its
-            # prompt and generated tokens are prefilled again: all of it must fit one step.
-            if p > c.max_num_batched_tokens:
-                what = f"prompt has {p} tokens"
-            else:
-                what = f"prompt ({p} tokens) + max_tokens ({k}) - 1 = {longest} tokens (recomputed "
-                what += "after a preemption)"
-            return "max_tokens", (
-                f"{what}, more than max_num_batched_tokens={c.max_num_batched_tokens}, and "
-                "enable_chunked_prefill is off so it must be computed in one step; enable "
-                "chunked prefill or raise max_num_batched_tokens"
-            )
-        return None
+        """Why a request of `p` prompt tokens and `max_tokens` `k` could never run (see the
+        module function); None if it can."""
+        return admission_error(self.config, p, k)
 
     def abort(self, seq_id: int) -> Sequence | None:
         """Finish a waiting or running sequence with "abort" and free its blocks.
@@ -276,3 +239,46 @@ class Scheduler:
         if finished:
             self.running = [s for s in self.running if not s.is_finished]
         return finished
+
+
+def admission_error(c: SchedulerConfig, p: int, k: int) -> tuple[str, str] | None:
+    """Why a request of `p` prompt tokens and `max_tokens` `k` could never run, as (the
+    field at fault, the message); None if it can. Front ends check it before queueing (a
+    server's process that does not run the engine too: it needs only the config)."""
+    if p < 1:
+        return "prompt", "prompt is empty; give at least one token"
+    if k < 1:
+        return "max_tokens", f"max_tokens: {k}; need at least 1"
+    if p > c.max_model_len - 1:
+        return "prompt", (
+            f"prompt has {p} tokens, but max_model_len={c.max_model_len} leaves room for at "
+            f"most {c.max_model_len - 1} prompt tokens (one must be generated)"
+        )
+    if p + k > c.max_model_len:
+        return "max_tokens", (
+            f"prompt ({p} tokens) + max_tokens ({k}) = {p + k} exceeds "
+            f"max_model_len={c.max_model_len}; lower max_tokens to at most {c.max_model_len - p}"
+        )
+    # KV is needed for every token but the last generated one.
+    longest = p + k - 1
+    blocks = -(-longest // c.block_size)
+    if blocks > c.num_blocks:
+        return "max_tokens", (
+            f"prompt ({p} tokens) + max_tokens ({k}) needs KV for {longest} tokens = {blocks} "
+            f"blocks of {c.block_size}, but the whole cache has {c.num_blocks} blocks "
+            f"({c.num_blocks * c.block_size} tokens)"
+        )
+    if not c.enable_chunked_prefill and longest > c.max_num_batched_tokens:
+        # Without chunking a sequence is prefilled in one step, and after a preemption its
+        # prompt and generated tokens are prefilled again: all of it must fit one step.
+        if p > c.max_num_batched_tokens:
+            what = f"prompt has {p} tokens"
+        else:
+            what = f"prompt ({p} tokens) + max_tokens ({k}) - 1 = {longest} tokens (recomputed "
+            what += "after a preemption)"
+        return "max_tokens", (
+            f"{what}, more than max_num_batched_tokens={c.max_num_batched_tokens}, and "
+            "enable_chunked_prefill is off so it must be computed in one step; enable "
+            "chunked prefill or raise max_num_batched_tokens"
+        )
+    return None

@@ -13,6 +13,8 @@ adapter (`in_flight` in the answer), and its slot takes another adapter once the
 
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import APIRouter, Request
 
 from parallm.errors import UserError
@@ -48,7 +50,7 @@ async def load_adapter(request: Request) -> dict:
     state = state_of(request)
     await authorize_admin(state, request)
     req = parse(LoraAdapterRequest, await read_body(state, request))
-    if state.llm.runner.lora is None:
+    if not state.llm.lora_enabled:
         raise APIError(
             400,
             "this server has no adapter slots; start it with --enable-lora (or --lora NAME=DIR)",
@@ -57,19 +59,25 @@ async def load_adapter(request: Request) -> dict:
     if req.name == state.model_name:
         raise UserError(f"name: {req.name!r} is the served model's name; choose another")
     try:
-        await state.engine.call(lambda engine: _add_lora(engine, req))
+        await state.engine.call(partial(_add_lora, name=req.name, path=req.path))
     except EngineDeadError as e:
         raise engine_dead(e) from e
     return model_card(state, req.name)
 
 
-def _add_lora(engine: LLMEngine, req: LoraAdapterRequest) -> None:
-    """Load the adapter (in the engine thread); a path the OS cannot read (too long, no
-    permission) is the request's error, not the engine's failure."""
+def _add_lora(engine: LLMEngine, *, name: str, path: str) -> None:
+    """Load the adapter (where the engine runs: module-level, so that it pickles to an engine
+    process); a path the OS cannot read (too long, no permission) is the request's error, not
+    the engine's failure."""
     try:
-        engine.add_lora(req.name, req.path, field="path")
+        engine.add_lora(name, path, field="path")
     except OSError as e:
-        raise UserError(f"path: {req.path!r} cannot be read: {e.strerror or e}") from None
+        raise UserError(f"path: {path!r} cannot be read: {e.strerror or e}") from None
+
+
+def _remove_lora(engine: LLMEngine, *, name: str) -> int:
+    """Unload the adapter where the engine runs; its requests still in flight."""
+    return engine.remove_lora(name).in_flight
 
 
 @router.delete(PATH + "/{name:path}")
@@ -79,7 +87,7 @@ async def unload_adapter(name: str, request: Request) -> dict:
     if name == state.model_name:
         raise UserError(f"name: {name!r} is the base model, which cannot be unloaded")
     try:
-        in_flight = await state.engine.call(lambda engine: engine.remove_lora(name).in_flight)
+        in_flight = await state.engine.call(partial(_remove_lora, name=name))
     except EngineDeadError as e:
         raise engine_dead(e) from e
     except UserError as e:

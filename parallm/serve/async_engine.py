@@ -56,22 +56,124 @@ class EngineStats:
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
 
 
-class AsyncEngine:
-    """Runs `engine` in a daemon thread; `generate` streams one request's outputs."""
+class EngineFrontend:
+    """What the server's endpoints hold of an engine, on the event loop: `add` requests, `stream`
+    their outputs (one `asyncio.Queue` per request), `abort`, `call` a function where the engine
+    runs, `stats` and `error`. `AsyncEngine` runs the engine in a thread of this process,
+    `parallm.serve.engine_process.EngineProcess` in a process of its own; `engine` is the
+    `LLMEngine` (or, from another process, its view) that the endpoints check requests with."""
 
-    def __init__(self, engine: LLMEngine, *, max_waiting: int) -> None:
-        self.engine = engine
+    engine: Any
+
+    def __init__(self, *, max_waiting: int) -> None:
         self.max_waiting = max_waiting
         self.error: str | None = None
-        self.stats = self._snapshot()
+        self.stats = EngineStats()
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def healthy(self) -> bool:
+        raise NotImplementedError
+
+    def abort(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """`fn(engine)` run where the engine runs, between two steps; its result, or its
+        exception. Anything but a UserError from it is the engine's failure too (it may have
+        left the ranks disagreeing). EngineDeadError once the engine has failed."""
+        raise NotImplementedError
+
+    def _submit(self, requests: list[EngineRequest]) -> None:
+        """Hand checked requests to the engine for its next step."""
+        raise NotImplementedError
+
+    def _pending(self) -> int:
+        """Requests handed over that the engine has not taken yet (not in `stats.waiting`)."""
+        raise NotImplementedError
+
+    # -- requests (event loop side) ------------------------------------------------------------
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        lora: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Add one request and yield its outputs until it finishes."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self.add([(request_id, prompt, params, lora)], queue)
+        async for out in self.stream([request_id], queue):
+            yield out
+
+    def add(self, requests: list[EngineRequest], queue: asyncio.Queue) -> None:
+        """Queue requests (id, prompt, params, adapter) for the next step, all or none; their
+        outputs will arrive in `queue`. QueueFullError or EngineDeadError if they cannot be
+        taken."""
+        if self.error is not None:
+            raise EngineDeadError(self.error)
+        if self.stats.waiting + self._pending() + len(requests) > self.max_waiting:
+            raise QueueFullError(f"{self.max_waiting} requests are waiting already")
+        for request in requests:
+            self._queues[request[0]] = queue
+        self._submit(requests)
+
+    async def stream(
+        self, request_ids: list[str], queue: asyncio.Queue
+    ) -> AsyncIterator[RequestOutput]:
+        """The outputs of requests that `add` queued on `queue`, in the order the steps make
+        them, until all have finished. Leaving early (the client went away) aborts the rest."""
+        unfinished = set(request_ids)
+        try:
+            while unfinished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    unfinished.discard(item.request_id)
+                yield item
+        finally:
+            for request_id in request_ids:
+                self._queues.pop(request_id, None)
+            for request_id in unfinished:
+                self.abort(request_id)
+
+    def _put(self, outputs: list[RequestOutput]) -> None:
+        """On the event loop: each output into its request's queue (if it still has one)."""
+        for out in outputs:
+            queue = self._queues.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+
+    def _fail(self, error: BaseException, calls: list[asyncio.Future]) -> None:
+        """On the event loop: every open request and the `calls` waiting end with `error`."""
+        for queue in set(self._queues.values()):
+            queue.put_nowait(error)
+        for future in calls:
+            settle(future, None, error)
+
+
+class AsyncEngine(EngineFrontend):
+    """Runs `engine` in a daemon thread of this process."""
+
+    def __init__(self, engine: LLMEngine, *, max_waiting: int) -> None:
+        super().__init__(max_waiting=max_waiting)
+        self.engine = engine
+        self.stats = engine_stats(engine)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._adds: list[EngineRequest] = []
         self._aborts: list[str] = []
         self._calls: list[tuple[Callable[[LLMEngine], Any], asyncio.Future]] = []
-        self._queues: dict[str, asyncio.Queue] = {}
         self._stopping = False
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -95,52 +197,13 @@ class AsyncEngine:
 
     # -- requests (event loop side) ------------------------------------------------------------
 
-    async def generate(
-        self,
-        request_id: str,
-        prompt: str | list[int],
-        params: SamplingParams,
-        lora: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Add one request and yield its outputs until it finishes."""
-        queue: asyncio.Queue = asyncio.Queue()
-        self.add([(request_id, prompt, params, lora)], queue)
-        async for out in self.stream([request_id], queue):
-            yield out
-
-    def add(self, requests: list[EngineRequest], queue: asyncio.Queue) -> None:
-        """Queue requests (id, prompt, params, adapter) for the next step, all or none; their
-        outputs will arrive in `queue`. QueueFullError or EngineDeadError if they cannot be
-        taken."""
-        if self.error is not None:
-            raise EngineDeadError(self.error)
+    def _submit(self, requests: list[EngineRequest]) -> None:
         with self._lock:
-            if self.stats.waiting + len(self._adds) + len(requests) > self.max_waiting:
-                raise QueueFullError(f"{self.max_waiting} requests are waiting already")
-            for request in requests:
-                self._queues[request[0]] = queue
             self._adds += requests
             self._wake.notify()
 
-    async def stream(
-        self, request_ids: list[str], queue: asyncio.Queue
-    ) -> AsyncIterator[RequestOutput]:
-        """The outputs of requests that `add` queued on `queue`, in the order the steps make
-        them, until all have finished. Leaving early (the client went away) aborts the rest."""
-        unfinished = set(request_ids)
-        try:
-            while unfinished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finished:
-                    unfinished.discard(item.request_id)
-                yield item
-        finally:
-            for request_id in request_ids:
-                self._queues.pop(request_id, None)
-            for request_id in unfinished:
-                self.abort(request_id)
+    def _pending(self) -> int:
+        return len(self._adds)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -148,9 +211,6 @@ class AsyncEngine:
             self._wake.notify()
 
     async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
-        """`fn(engine)` run by the engine thread between two steps; its result, or its
-        exception. Anything but a UserError from it is the engine's failure too (it may have
-        left the ranks disagreeing). EngineDeadError once the engine has failed."""
         if self.error is not None:
             raise EngineDeadError(self.error)
         assert self._loop is not None, "the engine thread is not running"
@@ -187,7 +247,7 @@ class AsyncEngine:
                 while call := self._next_call():
                     self._run_call(*call)
                 outputs = engine.step()
-                self.stats = self._snapshot()
+                self.stats = engine_stats(engine)
                 self._deliver(outputs)
         except BaseException as e:  # noqa: BLE001 - the server must learn of any failure
             self.error = f"{type(e).__name__}: {e}"
@@ -203,56 +263,47 @@ class AsyncEngine:
         try:
             result = fn(self.engine)
         except BaseException as e:
-            self._loop.call_soon_threadsafe(_settle, future, None, e)
+            self._loop.call_soon_threadsafe(settle, future, None, e)
             if not isinstance(e, UserError):
                 raise
         else:
-            self._loop.call_soon_threadsafe(_settle, future, result, None)
-
-    def _snapshot(self) -> EngineStats:
-        sched = self.engine.scheduler
-        bm = sched.block_manager
-        return EngineStats(
-            running=sched.num_running,
-            waiting=sched.num_waiting,
-            kv_blocks_total=bm.num_blocks,
-            kv_blocks_free=bm.num_free_blocks,
-            prefix_queries=bm.prefix_queries,
-            prefix_hits=bm.prefix_hits,
-        )
+            self._loop.call_soon_threadsafe(settle, future, result, None)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        if not outputs:
-            return
-        assert self._loop is not None
-
-        def put() -> None:  # on the event loop: the queues are not thread-safe
-            for out in outputs:
-                queue = self._queues.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(out)
-
-        self._loop.call_soon_threadsafe(put)
+        if outputs:
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._put, outputs)
 
     def _fail_all(self, error: BaseException) -> None:
         if self._loop is None:
             return
 
-        def put() -> None:
-            for queue in set(self._queues.values()):
-                queue.put_nowait(error)
+        def fail() -> None:
             with self._lock:
                 calls, self._calls = self._calls, []
-            for _, future in calls:
-                _settle(future, None, error)
+            self._fail(error, [future for _, future in calls])
 
         try:
-            self._loop.call_soon_threadsafe(put)
+            self._loop.call_soon_threadsafe(fail)
         except RuntimeError:  # the loop is closed: the server is going down anyway
             pass
 
 
-def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+def engine_stats(engine: LLMEngine) -> EngineStats:
+    """A snapshot of the engine's queues and KV cache, taken where it runs, after a step."""
+    sched = engine.scheduler
+    bm = sched.block_manager
+    return EngineStats(
+        running=sched.num_running,
+        waiting=sched.num_waiting,
+        kv_blocks_total=bm.num_blocks,
+        kv_blocks_free=bm.num_free_blocks,
+        prefix_queries=bm.prefix_queries,
+        prefix_hits=bm.prefix_hits,
+    )
+
+
+def settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
     """On the event loop: complete a `call`'s future (unless its caller went away)."""
     if future.done():
         return

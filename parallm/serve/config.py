@@ -82,6 +82,9 @@ class ServerConfig:
     video_threads: int | None = None  # default: half the cores, at least 1
     # torch threads of the text engine; default: OMP_NUM_THREADS if set, else `engine_threads`.
     threads: int | None = None
+    # Run the text engine as a thread of the server's process, not in a process of its own
+    # (`parallm.serve.engine_process`): one process less, slower under load.
+    engine_in_process: bool = False
 
     def __post_init__(self) -> None:
         # argparse gives None (no --lora) or a list; the config holds a tuple either way.
@@ -206,8 +209,9 @@ class ServerConfig:
 def engine_threads(threads: int | None, environ=os.environ, cores: int | None = None) -> int | None:
     """The torch threads `parallm serve` gives its text engine: `threads` if given; None (torch's
     own choice) when OMP_NUM_THREADS is set; else the cores less one, at least 1. The HTTP event
-    loop shares the process (and the GIL) with the engine thread: with a thread per core, each
-    step's parallel regions wait on a thread the event loop or a client has taken off its core.
+    loop needs a core too (in its own process, or sharing the GIL with the engine thread under
+    --engine-in-process): with a thread per core, each step's parallel regions wait on a thread
+    the event loop or a client has taken off its core.
     Measured on 2 cores with the client on the same machine (`docs/benchmarks.md`), median
     TPOT at 4 requests/s: 24.8 ms with 2 threads, 9.5 ms with 1. vLLM's CPU backend keeps a
     core free in the same way."""

@@ -79,7 +79,7 @@ def encode_prompt(llm: LLMEngine, text: str, *, add_special_tokens: bool = True)
 def check_admission(llm: LLMEngine, tokens: int, max_tokens: int) -> None:
     """A UserError unless a prompt of `tokens` tokens and `max_tokens` fit the context (no
     pass over the ids: the engine's own check, by length only)."""
-    found = llm.scheduler.admission_error(tokens, max_tokens) if tokens else None
+    found = llm.admission_error(tokens, max_tokens) if tokens else None
     if found is not None:
         raise UserError(found[1], param=found[0])
 

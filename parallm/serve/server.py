@@ -18,9 +18,10 @@ from parallm.models.hf import read_family
 from parallm.models.peft_format import read_adapter
 from parallm.serve.access_log import RequestLog
 from parallm.serve.app import ServerState, build_app
-from parallm.serve.async_engine import AsyncEngine
+from parallm.serve.async_engine import AsyncEngine, EngineFrontend
 from parallm.serve.config import ServerConfig, engine_threads
 from parallm.serve.drain import DrainGate, DrainingServer
+from parallm.serve.engine_process import EngineProcess
 from parallm.serve.keystore import KeyStore
 from parallm.serve.video_jobs import VideoLimits, VideoService
 
@@ -28,29 +29,27 @@ from parallm.serve.video_jobs import VideoLimits, VideoService
 def serve(config: ServerConfig) -> int:
     """Load the model (errors exit 2 before the port is bound), then run uvicorn until SIGTERM
     or SIGINT, and drain; 0 once drained, 1 when the engine failed while serving."""
-    engine_config = config.engine_config()
+    config.engine_config()  # its errors before anything starts
     if config.ui:
         import_extra("parallm.serve.ui", command="serve --ui", extra="ui")
     _check_port_free(config.host, config.port)  # before minutes of loading, not after
     adapters = _check_adapters(config)
     keystore = None if config.no_auth else KeyStore(config.db)
     videos = _load_videos(config)  # its own process: loads while the text model does
-    if (threads := engine_threads(config.threads)) is not None:
-        torch.set_num_threads(threads)
-    # One process: with tensor_parallel_size N it spawns the N - 1 workers itself.
-    engine = LLMEngine(config.model, engine_config)
     try:
-        for name, path in adapters.items():
-            engine.add_lora(name, path, field=f"--lora {name}")
-        if videos is not None:
-            videos.wait_loaded()
+        engine = _load_engine(config, adapters)
     except BaseException:
-        engine.close()
         if videos is not None:
             videos.stop()
         raise
+    if videos is not None:
+        try:
+            videos.wait_loaded()
+        except BaseException:
+            engine.stop()
+            raise
     state = ServerState(
-        engine=AsyncEngine(engine, max_waiting=config.max_waiting),
+        engine=engine,
         model_name=config.model_name,
         keystore=keystore,
         max_body_bytes=config.max_body_bytes,
@@ -90,6 +89,35 @@ def serve(config: ServerConfig) -> int:
     if keystore is not None:
         keystore.close()
     return 1 if state.engine.error else 0
+
+
+def _load_engine(config: ServerConfig, adapters: dict[str, str]) -> EngineFrontend:
+    """The text engine, loaded with its adapters: in a process of its own (the default), or
+    in this one (`--engine-in-process`). With tensor_parallel_size N it starts N - 1 workers."""
+    engine_config = config.engine_config()
+    threads = engine_threads(config.threads)
+    if not config.engine_in_process:
+        read_family(config.model)  # a directory that is no model fails before a process starts
+        process = EngineProcess(
+            config.model,
+            engine_config,
+            adapters=adapters,
+            threads=threads,
+            max_waiting=config.max_waiting,
+        )
+        process.spawn()
+        process.wait_loaded()
+        return process
+    if threads is not None:
+        torch.set_num_threads(threads)
+    engine = LLMEngine(config.model, engine_config)
+    try:
+        for name, path in adapters.items():
+            engine.add_lora(name, path, field=f"--lora {name}")
+    except BaseException:
+        engine.close()
+        raise
+    return AsyncEngine(engine, max_waiting=config.max_waiting)
 
 
 def _load_videos(config: ServerConfig) -> VideoService | None:

@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from parallm.inference.engine import LLMEngine
-from parallm.serve.async_engine import AsyncEngine
+from parallm.serve.async_engine import EngineFrontend
 from parallm.serve.keystore import KeyStore
 from parallm.serve.metrics import Metrics
 from parallm.serve.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
+    from parallm.serve.engine_process import EngineView
     from parallm.serve.video_jobs import VideoService
 
 
@@ -25,7 +26,7 @@ class ServerState:
     asked), the body limit, the model's directory, the request bounds, the shutdown state, the
     per-key rate limiter, the metrics and the video model (None: none served)."""
 
-    engine: AsyncEngine
+    engine: EngineFrontend
     model_name: str
     keystore: KeyStore | None  # None: --no-auth
     max_body_bytes: int
@@ -48,7 +49,8 @@ class ServerState:
         self.metrics = Metrics(self.model_name)
 
     @property
-    def llm(self) -> LLMEngine:
+    def llm(self) -> LLMEngine | EngineView:
+        """The engine to check requests with: itself, or its view from an engine process."""
         return self.engine.engine
 
     def in_background(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
