@@ -181,6 +181,8 @@ URL = ["--url", "http://127.0.0.1:8000"]
         (["--vocab-size", "0"], "--vocab-size"),
         (["--timeout", "0"], "--timeout"),
         (["--output", "x.png"], "--plot"),  # the plot's default path is the output's
+        (["--output", "tests"], "--output"),  # a directory: refused before any request
+        (["--plot", "tests"], "--plot"),
     ],
 )
 def test_bad_options_are_user_errors_naming_the_option(argv, option):

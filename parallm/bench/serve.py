@@ -118,6 +118,9 @@ class ServeBenchConfig:
             raise UserError(f"--timeout: {self.timeout} is not valid; must be > 0 seconds")
         if self.plot == self.output:
             raise UserError(f"--plot: {str(self.plot)!r} is the --output path; give another")
+        for name, path in (("--output", self.output), ("--plot", self.plot)):
+            if path.is_dir():  # found now, not after the whole run
+                raise UserError(f"{name}: {str(path)!r} is a directory; give a file path")
 
 
 # -- workload ---------------------------------------------------------------------------------
