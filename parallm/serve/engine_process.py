@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+import torch
+
 from parallm.errors import UserError
 from parallm.inference.adapters import AdapterRegistry
 from parallm.inference.config import EngineConfig
@@ -48,6 +50,7 @@ from parallm.serve.async_engine import (
     engine_stats,
     settle,
 )
+from parallm.serve.child import end_child
 from parallm.tokenizer import Tokenizer
 
 # A load that answers neither ready nor error in this time has hung (minutes of weights are fine).
@@ -178,6 +181,23 @@ class OutputAssembler:
 # -- the engine process -----------------------------------------------------------------------
 
 
+def load_engine(
+    model: str, config: EngineConfig, adapters: dict[str, str], threads: int | None
+) -> LLMEngine:
+    """`LLMEngine(model, config)` on `threads` torch threads (None: torch's choice) with the
+    `--lora` adapters loaded, or its error and nothing left running."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    engine = LLMEngine(model, config)
+    try:
+        for name, path in adapters.items():
+            engine.add_lora(name, path, field=f"--lora {name}")
+    except BaseException:
+        engine.close()
+        raise
+    return engine
+
+
 def run(
     conn: Connection,
     model: str,
@@ -189,17 +209,7 @@ def run(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server drains, then stops us
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        import torch
-
-        if threads is not None:
-            torch.set_num_threads(threads)
-        engine = LLMEngine(model, config)
-        try:
-            for name, path in adapters.items():
-                engine.add_lora(name, path, field=f"--lora {name}")
-        except BaseException:
-            engine.close()
-            raise
+        engine = load_engine(model, config, adapters, threads)
     except UserError as e:
         _tell(conn, ("error", str(e), e.param))
         return
@@ -388,17 +398,8 @@ class EngineProcess(EngineFrontend):
         return self._process.exitcode
 
     def _end_process(self) -> None:
-        if self._conn is not None:
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.remove_reader(self._conn.fileno())
-            self._conn.close()
-            self._conn = None
-        if self._process is not None:
-            self._process.join(STOP_TIMEOUT_S)
-            if self._process.is_alive():
-                self._process.kill()
-                self._process.join()
-            self._process = None
+        end_child(self._process, self._conn, self._loop, wait=STOP_TIMEOUT_S, terminate=False)
+        self._process = self._conn = None
 
     # -- requests (event loop side) ------------------------------------------------------------
 

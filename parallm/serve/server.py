@@ -7,12 +7,10 @@ import os
 import socket
 import sys
 
-import torch
 import uvicorn
 
 from parallm.errors import UserError
 from parallm.extras import import_extra
-from parallm.inference.engine import LLMEngine
 from parallm.inference.lora import check_servable, servable_modules
 from parallm.models.hf import read_family
 from parallm.models.peft_format import read_adapter
@@ -21,7 +19,7 @@ from parallm.serve.app import ServerState, build_app
 from parallm.serve.async_engine import AsyncEngine, EngineFrontend
 from parallm.serve.config import ServerConfig, engine_threads
 from parallm.serve.drain import DrainGate, DrainingServer
-from parallm.serve.engine_process import EngineProcess
+from parallm.serve.engine_process import EngineProcess, load_engine
 from parallm.serve.keystore import KeyStore
 from parallm.serve.video_jobs import VideoLimits, VideoService
 
@@ -108,15 +106,7 @@ def _load_engine(config: ServerConfig, adapters: dict[str, str]) -> EngineFronte
         process.spawn()
         process.wait_loaded()
         return process
-    if threads is not None:
-        torch.set_num_threads(threads)
-    engine = LLMEngine(config.model, engine_config)
-    try:
-        for name, path in adapters.items():
-            engine.add_lora(name, path, field=f"--lora {name}")
-    except BaseException:
-        engine.close()
-        raise
+    engine = load_engine(config.model, engine_config, adapters, threads)
     return AsyncEngine(engine, max_waiting=config.max_waiting)
 
 

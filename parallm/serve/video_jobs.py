@@ -26,6 +26,7 @@ from typing import Any
 
 from parallm.errors import UserError
 from parallm.serve import video_worker
+from parallm.serve.child import end_child
 from parallm.serve.video_worker import ModelFacts, VideoParams
 
 KEEP = 100  # finished jobs kept (with their videos); the oldest are deleted first
@@ -176,18 +177,8 @@ class VideoService:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _end_worker(self) -> None:
-        if self._conn is not None:
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.remove_reader(self._conn.fileno())
-            self._conn.close()
-            self._conn = None
-        if self._process is not None:
-            self._process.terminate()
-            self._process.join(10)
-            if self._process.is_alive():
-                self._process.kill()
-                self._process.join()
-            self._process = None
+        end_child(self._process, self._conn, self._loop, wait=10, terminate=True)
+        self._process = self._conn = None
 
     def _on_message(self) -> None:
         try:
