@@ -1,4 +1,7 @@
-"""The engine behind the HTTP server: `LLMEngine` stepping in its own thread, fed from asyncio.
+"""The engine behind the HTTP server, as the endpoints see it (`EngineFrontend`), and
+`AsyncEngine`: `LLMEngine` stepping in a thread of the server's process, fed from asyncio
+(`parallm serve --engine-in-process`; by default the engine has a process of its own,
+`parallm.serve.engine_process`, with the same frontend and the same guarantees).
 
 The event loop never runs a model step. Requests and aborts are queued under a lock and applied
 by the engine thread between two steps; each step's outputs are handed back to the event loop,
