@@ -257,6 +257,12 @@ class _EngineLoop:
                 return
 
     def run(self) -> None:
+        try:
+            self._serve()
+        except (BrokenPipeError, ConnectionResetError):  # the server is gone: nobody to tell
+            pass
+
+    def _serve(self) -> None:
         engine = self.engine
         while True:
             with self.wake:
