@@ -72,3 +72,20 @@ def test_sibling_projections_share_one_gemm_and_stay_exact():
         torch.testing.assert_close(
             got, F.linear(inp, layer.weight, layer.bias), rtol=1e-5, atol=1e-5
         )
+
+
+def test_a_step_with_unchanged_weights_reuses_the_packing_and_a_replaced_weight_repacks():
+    model = tiny_model()
+    packed = PackedLinears(model)
+    x = torch.randn(1, 3, 48)
+    layer = model.layers["0"].mlp.down_proj
+    with torch.inference_mode(), packed.active():
+        model(torch.arange(5)[None])
+    forwards = {layers: cached[1] for layers, cached in packed._packed.items()}
+    with torch.inference_mode(), packed.active():  # nothing changed: the same packed forwards
+        assert all(packed._packed[layers][1] is f for layers, f in forwards.items())
+    layer.weight = nn.Parameter(torch.randn_like(layer.weight))  # a new tensor, e.g. a reload
+    x = torch.randn(1, 3, 96)
+    with torch.inference_mode(), packed.active():
+        out = layer(x)
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)

@@ -67,6 +67,19 @@ class PackedLinears:
         # layers -> ((storage pointer, version) of each weight packed from, their forwards)
         self._packed: dict[tuple[nn.Linear, ...], tuple[tuple, list[Callable]]] = {}
         self._fused: dict[tuple[nn.Linear, ...], _Fused] = {}
+        # What the last `active()` installed: each layer's __dict__ and forward, and the key of
+        # every weight then, so a step whose weights are all unchanged reinstalls them as they
+        # are (one pass over the weights instead of a check per group).
+        self._installed: list[tuple[dict, Callable]] = []
+        self._installed_key: list[tuple[int, int]] | None = None
+
+    def weights_key(self) -> list[tuple[int, int]]:
+        """(storage pointer, version) of every layer's weight, as it is now."""
+        # _parameters, not layer.weight: nn.Module.__getattr__ costs more than the check.
+        return [
+            (w.data_ptr(), w._version)
+            for w in (layer._parameters["weight"] for layer in self.layers)
+        ]
 
     def packed_forwards(self, layers: tuple[nn.Linear, ...]) -> list[Callable]:
         """One forward per layer of `layers`, all on one packed weight (packed again when any
@@ -92,10 +105,17 @@ class PackedLinears:
     @contextmanager
     def active(self) -> Iterator[None]:
         """Every layer runs on its packed weight inside (packed now if new or changed)."""
+        key = self.weights_key()
+        if key != self._installed_key:  # some weight is new or changed: repack what changed
+            self._installed = [
+                (layer.__dict__, forward)
+                for layers in [*self.groups, *((layer,) for layer in self.single)]
+                for layer, forward in zip(layers, self.packed_forwards(layers), strict=True)
+            ]
+            self._installed_key = key
         # Through the instance __dict__: nn.Module.__setattr__ would cost more than the check.
-        for layers in [*self.groups, *((layer,) for layer in self.single)]:
-            for layer, forward in zip(layers, self.packed_forwards(layers), strict=True):
-                layer.__dict__["forward"] = forward
+        for attrs, forward in self._installed:
+            attrs["forward"] = forward
         try:
             yield
         finally:
@@ -130,7 +150,7 @@ class _Fused:
         def forward(x: torch.Tensor) -> torch.Tensor:
             if self.input is x and i in self.kept:
                 return self.kept.pop(i)
-            outs = self.gemm(x).split(self.sizes, dim=-1)
+            outs = self.gemm(x).split_with_sizes(self.sizes, dim=-1)  # no Tensor.split wrapper
             self.input, self.kept = x, {j: out for j, out in enumerate(outs) if j != i}
             return outs[i]
 
@@ -141,7 +161,10 @@ class _Fused:
 
 
 def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None):
+    # The overload itself: calling the packet would resolve it on every call.
+    linear = torch.ops.mkldnn._linear_pointwise.default
+
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
+        return linear(x, packed, bias, "none", [None], "")
 
     return forward
