@@ -138,8 +138,10 @@ def check_shared_model(model: nn.Module, config: EngineConfig) -> ModelFacts:
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Run `model` in eval mode (no dropout) inside, and give every module that was training
-    its mode back after: a trainer sharing the model keeps the modes it set."""
-    training = [m for m in model.modules() if m.training]
+    its mode back after: a trainer sharing the model keeps the modes it set. A model in eval
+    mode is taken as it is (`model.eval()` sets every module), so the engine's own model, run
+    every step, skips the walk over its modules."""
+    training = [m for m in model.modules() if m.training] if model.training else []
     if training:
         model.eval()
     try:
