@@ -153,6 +153,9 @@ class PaddedBatch:
         return self._masks[spec]
 
 
+PADDED_GRIDS = ("q_index", "q_valid", "q_pos", "kv_slots", "kv_pos")  # a PaddedBatch's own
+
+
 @dataclass(kw_only=True)
 class DecodeRows:
     """Sequences with one new token: its flat index `tokens` (G,), context `lengths` (G,), and
@@ -166,22 +169,17 @@ class DecodeRows:
 @dataclass(kw_only=True)
 class StepMetadata(PaddedBatch):
     """Where the N flat tokens of one step come from and what they may attend to: every
-    sequence of the step padded together (the flex backend's view), `groups` of them padded
-    apart (the portable backend's, made on first use), and `slot_mapping` (N,), the cache slot
-    of each new token."""
+    sequence of the step padded together (the flex backend's view; `out_rows`, `out_tokens`
+    and `fresh` are its groups' only), `groups` of them padded apart (the portable backend's,
+    made on first use), and `slot_mapping` (N,), the cache slot of each new token."""
 
     slot_mapping: torch.Tensor
     host: PaddedBatch  # the same grids on the CPU, which the groups are cut from
-
-    @cached_property
-    def _sizes(self) -> tuple[list[int], list[int]]:
-        """Each sequence's new tokens and context length."""
-        lengths = self.host.q_valid.sum(dim=1).tolist()
-        contexts = (self.host.kv_pos < PAD_POS).sum(dim=1).tolist()
-        return lengths, contexts
+    lengths: list[int]  # (B,) each sequence's new tokens
+    contexts: list[int]  # (B,) and its context length
 
     def _grouped(self, rows: list[int]) -> list[PaddedBatch]:
-        lengths, contexts = self._sizes
+        lengths, contexts = self.lengths, self.contexts
         device = self.slot_mapping.device
         return [
             self.host.select(
@@ -196,24 +194,25 @@ class StepMetadata(PaddedBatch):
     @cached_property
     def groups(self) -> list[PaddedBatch]:
         """Every sequence, in padded groups."""
-        return self._grouped(list(range(len(self._sizes[0]))))
+        return self._grouped(list(range(len(self.lengths))))
 
     @cached_property
     def chunk_groups(self) -> list[PaddedBatch]:
         """The sequences with more than one new token (prompt chunks), in padded groups."""
-        return self._grouped([b for b, n in enumerate(self._sizes[0]) if n > 1])
+        return self._grouped([b for b, n in enumerate(self.lengths) if n > 1])
 
     @cached_property
     def decodes(self) -> DecodeRows:
         """The sequences with one new token, unpadded (host tensors, for the CPU kernel)."""
-        lengths, contexts = self._sizes
-        rows = [b for b, n in enumerate(lengths) if n == 1]
-        index = torch.tensor(rows, dtype=torch.long)
-        width = max((contexts[b] for b in rows), default=0)
+        rows = np.flatnonzero(np.asarray(self.lengths) == 1)
+        contexts = np.asarray(self.contexts, dtype=np.int64)[rows]
+        # numpy views of the host grids: its indexing costs less than torch's, and gives fresh
+        # contiguous arrays.
+        q_index, kv_slots = self.host.q_index.numpy(), self.host.kv_slots.numpy()
         return DecodeRows(
-            tokens=self.host.q_index[index, 0].contiguous(),
-            slots=self.host.kv_slots[index, :width].contiguous(),
-            lengths=torch.tensor([contexts[b] for b in rows], dtype=torch.long),
+            tokens=torch.from_numpy(q_index[rows, 0]),
+            slots=torch.from_numpy(kv_slots[rows, : contexts.max(initial=0)]),
+            lengths=torch.from_numpy(contexts),
         )
 
     @classmethod
@@ -254,8 +253,13 @@ class StepMetadata(PaddedBatch):
         # The new tokens' slots, sequence after sequence: row-major order of the valid grid cells.
         rows, cols = q_valid.nonzero()
         slot_mapping = torch.from_numpy(slots[rows, q_pos[rows, cols]])
-        everything = full.select(list(range(n_seq)), max_q, max_ctx, device)
-        return cls(slot_mapping=slot_mapping.to(device), host=full, **vars(everything))
+        return cls(
+            **{name: getattr(full, name).to(device) for name in PADDED_GRIDS},  # no copy on a CPU
+            slot_mapping=slot_mapping.to(device),
+            host=full,
+            lengths=list(lengths),
+            contexts=ctx.tolist(),
+        )
 
 
 class PagedAttention:
@@ -278,8 +282,9 @@ class PagedAttention:
         k_cache.index_copy_(0, md.slot_mapping, k[0].to(k_cache.dtype))  # (N, Hkv, D) to slots
         v_cache.index_copy_(0, md.slot_mapping, v[0].to(v_cache.dtype))
         flat = torch.empty(q.shape[1:], dtype=q.dtype, device=q.device)  # (N, Hq, D)
-        groups = md.groups
-        if self.decode_kernel and q.dtype == torch.float32:
+        if not (self.decode_kernel and q.dtype == torch.float32):
+            groups = md.groups
+        else:
             groups, dec = md.chunk_groups, md.decodes
             if len(dec.tokens):
                 q_rows = q[0].contiguous()
