@@ -112,17 +112,19 @@ def rope_inv_freq(args: ModelArgs, device: torch.device | str | None = None) -> 
 def rope_cos_sin(
     inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (B, T, D) for the rotate-half convention, computed in float32."""
-    freqs = positions[..., None].float() * inv_freq.float()  # (B, T, D/2)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    """cos and sin (B, T, 1, D) for the rotate-half convention, computed in float32, with the
+    first half of sin negated: `apply_rope`'s rotation is then one roll. (B, T, 1, D) broadcasts
+    over the heads without a new view per layer."""
+    freqs = positions[..., None, None].float() * inv_freq.float()  # (B, T, 1, D/2)
+    cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, T, H, D); cos, sin: (B, T, D)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, :, None] + rotated * sin[:, :, None]
+    """x: (B, T, H, D); cos, sin: (B, T, 1, D) from `rope_cos_sin`. The rotate-half form
+    x * cos + [-x2, x1] * sin, as [x2, x1] * [-sin, sin]: the same products (negation is
+    exact), in fewer ops."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,10 +138,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if x.dtype == weight.dtype == torch.float32:
+            # Torch's own op: the same float32 ops and result (and gradients), in one call.
+            return F.rms_norm(x, weight.shape, weight, self.eps)
         # Normalise in float32 and cast back before the weight, as the HF reference does.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return weight * h.to(x.dtype)
 
 
 class Attention(nn.Module):
