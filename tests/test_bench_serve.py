@@ -183,6 +183,7 @@ URL = ["--url", "http://127.0.0.1:8000"]
         (["--output", "x.png"], "--plot"),  # the plot's default path is the output's
         (["--output", "tests"], "--output"),  # a directory: refused before any request
         (["--plot", "tests"], "--plot"),
+        (["--rounds", "2"], "--rounds"),  # restarting servers needs --launch
     ],
 )
 def test_bad_options_are_user_errors_naming_the_option(argv, option):
@@ -354,3 +355,38 @@ def test_live_server_with_keys(tmp_path, monkeypatch):
     assert report["config"]["model"] == "tiny"
     assert report["results"][0]["completed"] == 8
     assert secret not in (tmp_path / "k.json").read_text()
+
+
+def _medians(ttft: float, tpot: float) -> dict:
+    return {"rate": 4.0, "ttft_ms": {"median": ttft}, "tpot_ms": {"median": tpot}}
+
+
+def test_comparison_over_rounds_is_the_median_of_each_rounds_ratio():
+    engines = {  # 3 rounds x 1 rate
+        "parallm": [[_medians(10, 2)], [_medians(30, 2)], [_medians(20, 9)]],
+        "vllm": [[_medians(20, 1)], [_medians(10, 4)], [_medians(40, 3)]],
+    }
+    (row,) = bench.comparison(engines)
+    assert (row["parallm_ttft_ms"], row["vllm_ttft_ms"]) == (20, 20)
+    assert row["ttft_parallm_over_vllm_rounds"] == [0.5, 3.0, 0.5]
+    assert row["ttft_parallm_over_vllm"] == 0.5  # not 20 / 20
+    assert row["tpot_parallm_over_vllm_rounds"] == [2.0, 0.5, 3.0]
+    assert row["tpot_parallm_over_vllm"] == 2.0
+    assert "rounds" in bench.format_comparison([row])
+
+
+def test_launch_restarts_the_server_each_round(tmp_path):
+    d = tmp_path / "model"
+    save_chat_model(d)
+    out = tmp_path / "launch.json"
+    argv = ["--launch", str(d), "--rounds", "2", "--rates", "inf", "--num-requests", "3"]
+    argv += ["--input-len", "4:8", "--output-len", "3", "--vocab-size", "200"]
+    assert bench.main(argv + ["--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rounds = report["engines"]["parallm"]
+    assert len(rounds) == 2 and "comparison" not in report  # no peer: nothing to compare
+    for (r,) in rounds:
+        assert (r["completed"], r["failed"]) == (3, 0)
+        assert [q["output_tokens"] for q in r["requests"]] == [3, 3, 3]
+    assert report["results"] == rounds[0]
+    assert (tmp_path / "launch.parallm.log").read_text().count("parallm serve: bench on") == 2

@@ -20,8 +20,11 @@ are times the client could see text, as in the serving benchmarks of this field.
 loopback port, then, with `--peer-python PATH` (a Python with vLLM, e.g. `.venv-peers/bin/python`
 from `make bench-peers`), vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`) on
 the same model, dtype, batching limits and KV bytes, one after the other, each stopped before the
-next starts; the same rates and prompts go to both. The report gives each server's figures and,
-per rate, the TTFT and TPOT medians side by side (`comparison`).
+next starts; the same rates and prompts go to both. `--rounds N` does that N times, the order
+alternating, each server started afresh: a neighbour's burst then lands on one round, not on
+one server's every figure. The report gives each server's figures per round and, per rate, the
+TTFT and TPOT medians side by side (`comparison`: medians over rounds, the median of the
+rounds' ratios, and each round's ratio).
 
     parallm bench serve --launch MODEL_DIR --peer-python .venv-peers/bin/python --rates 4,16,inf
 """
@@ -69,6 +72,7 @@ class ServeBenchConfig:
     max_num_batched_tokens: int = 2048  # launched servers
     threads: int = 0  # launched servers' OMP_NUM_THREADS (0: their default)
     startup_timeout: float = 900.0  # seconds for a launched server to answer
+    rounds: int = 1  # launched servers: each started afresh this many times, order alternating
     api_key: str | None = None
     rates: tuple[float, ...] = (math.inf,)  # requests/s; inf: all at once
     num_requests: int = 100  # per rate
@@ -84,6 +88,10 @@ class ServeBenchConfig:
     def __post_init__(self) -> None:
         if (self.url is None) == (self.launch is None):
             raise UserError("bench serve: give --url (a running server) or --launch MODEL_DIR")
+        if self.rounds != 1 and self.launch is None:
+            raise UserError(
+                f"--rounds: {self.rounds} needs --launch MODEL_DIR (it restarts the servers)"
+            )
         if self.peer_python is not None and self.launch is None:
             raise UserError(
                 "--peer-python: starts the peer's server, so it needs --launch MODEL_DIR"
@@ -103,6 +111,7 @@ class ServeBenchConfig:
         for name, value in (
             ("--num-requests", self.num_requests),
             ("--vocab-size", self.vocab_size),
+            ("--rounds", self.rounds),
         ):
             if value < 1:
                 raise UserError(f"{name}: {value} is not valid; must be >= 1")
@@ -487,50 +496,71 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def run_launched(cfg: ServeBenchConfig) -> dict[str, list[dict[str, Any]]]:
-    """Each server in turn: start it, run every rate against it, stop it."""
+def run_launched(cfg: ServeBenchConfig) -> dict[str, list[list[dict[str, Any]]]]:
+    """`cfg.rounds` rounds; in each, each server in turn (the order alternating from round to
+    round): start it, run every rate against it, stop it. Per server, per round, the reports."""
     import dataclasses
 
     from parallm.bench.infer import check_peer_python
 
     if cfg.peer_python:  # one line saying how to make it, before any server starts
         check_peer_python("vllm", cfg.peer_python)
-    out: dict[str, list[dict[str, Any]]] = {}
+    servers = SERVERS if cfg.peer_python else SERVERS[:1]
+    out: dict[str, list[list[dict[str, Any]]]] = {engine: [] for engine in servers}
     env = dict(os.environ)
     if cfg.threads:
         env["OMP_NUM_THREADS"] = str(cfg.threads)
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # as many threads as parallm, unpinned
-    for engine in SERVERS if cfg.peer_python else SERVERS[:1]:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        log = cfg.output.parent / f"{cfg.output.stem}.{engine}.log"
-        print(f"{engine}: starting on {url} (log {log})", flush=True)
-        with log.open("w") as f:
-            proc = subprocess.Popen(
-                server_command(engine, cfg, port), stdout=f, stderr=subprocess.STDOUT, env=env
+    for round_ in range(cfg.rounds):
+        for engine in servers if round_ % 2 == 0 else servers[::-1]:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            log = cfg.output.parent / f"{cfg.output.stem}.{engine}.log"
+            print(
+                f"round {round_ + 1}/{cfg.rounds} {engine}: starting on {url} (log {log})",
+                flush=True,
             )
-        try:
-            asyncio.run(wait_ready(url, proc, cfg.startup_timeout, log))
-            run_cfg = dataclasses.replace(
-                cfg, url=url, launch=None, peer_python=None, model="bench"
-            )
-            out[engine] = asyncio.run(run_all(run_cfg))[1]
-        finally:
-            stop(proc)
+            with log.open("w" if round_ == 0 else "a") as f:
+                proc = subprocess.Popen(
+                    server_command(engine, cfg, port), stdout=f, stderr=subprocess.STDOUT, env=env
+                )
+            try:
+                asyncio.run(wait_ready(url, proc, cfg.startup_timeout, log))
+                run_cfg = dataclasses.replace(
+                    cfg, url=url, launch=None, peer_python=None, model="bench", rounds=1
+                )
+                out[engine].append(asyncio.run(run_all(run_cfg))[1])
+            finally:
+                stop(proc)
     return out
 
 
-def comparison(engines: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per rate: each server's TTFT and TPOT medians (ms) and parallm's over the peer's."""
+def comparison(engines: dict[str, list[list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """Per rate: each server's TTFT and TPOT medians (ms; the median over rounds of each
+    round's median) and parallm's over the peer's: the median of the rounds' ratios, and each
+    round's."""
+    import statistics
+
     rows = []
-    for i, r in enumerate(engines["parallm"]):
+    for i, r in enumerate(engines["parallm"][0]):
         row: dict[str, Any] = {"rate": r["rate"]}
-        for engine, reports in engines.items():
-            for name in ("ttft", "tpot"):
-                row[f"{engine}_{name}_ms"] = reports[i][f"{name}_ms"]["median"]
         for name in ("ttft", "tpot"):
-            ours, theirs = row[f"parallm_{name}_ms"], row.get(f"vllm_{name}_ms")
-            row[f"{name}_parallm_over_vllm"] = ours / theirs if ours and theirs else None
+            per_round = {
+                engine: [rs[i][f"{name}_ms"]["median"] for rs in rounds]
+                for engine, rounds in engines.items()
+            }
+            for engine, values in per_round.items():
+                known = [v for v in values if v is not None]
+                row[f"{engine}_{name}_ms"] = statistics.median(known) if known else None
+            ratios = [
+                ours / theirs if ours and theirs else None
+                for ours, theirs in zip(
+                    per_round["parallm"], per_round.get("vllm", []), strict=False
+                )
+            ]
+            known = [x for x in ratios if x is not None]
+            row[f"{name}_parallm_over_vllm"] = statistics.median(known) if known else None
+            row[f"{name}_parallm_over_vllm_rounds"] = ratios
         rows.append(row)
     return rows
 
@@ -541,7 +571,8 @@ def _ratio(x: float | None) -> str:
 
 def format_comparison(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "median ms, parallm against vllm (ratio < 1: parallm is faster)",
+        "median ms over rounds, parallm against vllm (ratio: the median of the rounds' ratios;"
+        " < 1: parallm is faster)",
         f"{'rate':>6} {'TTFT parallm':>13} {'TTFT vllm':>10} {'ratio':>6} {'TPOT parallm':>13} {'TPOT vllm':>10} {'ratio':>6}",
     ]
     for r in rows:
@@ -659,6 +690,12 @@ def parser() -> argparse.ArgumentParser:
         "--max-num-batched-tokens", type=int, default=2048, help="--launch: tokens per step"
     )
     p.add_argument("--threads", type=int, default=0, help="--launch: the servers' OMP_NUM_THREADS")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="--launch: start and measure each server this many times, order alternating",
+    )
     p.add_argument("--model", default=None, help="served model name (default: the first listed)")
     p.add_argument("--api-key", default=None, help="default: $PARALLM_API_KEY")
     p.add_argument("--rates", default="inf", metavar="R,R,...", help="requests/s; inf: all at once")
@@ -684,6 +721,7 @@ def parse_config(argv: list[str]) -> ServeBenchConfig:
         dtype=args.dtype,
         max_num_batched_tokens=args.max_num_batched_tokens,
         threads=args.threads,
+        rounds=args.rounds,
         model=args.model,
         api_key=args.api_key or os.environ.get("PARALLM_API_KEY") or None,
         rates=parse_rates(args.rates),
@@ -705,14 +743,16 @@ def main(argv: list[str] | None = None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
     if cfg.launch is not None:
         engines = run_launched(cfg)
-        model, reports = "bench", engines["parallm"]
+        model, reports = "bench", engines["parallm"][0]
     else:
         model, reports = asyncio.run(run_all(cfg))
         engines = {}
-    for engine, rs in engines.items() or [("", reports)]:
-        print(
-            f"{engine}:" if engine else "", format_table(rs), sep="\n" if engine else "", flush=True
-        )
+    if not engines:
+        print(format_table(reports), flush=True)
+    for engine, rounds in engines.items():
+        for i, rs in enumerate(rounds):
+            label = f"{engine} (round {i + 1}):" if len(rounds) > 1 else f"{engine}:"
+            print(label, format_table(rs), sep="\n", flush=True)
     config = {k: v for k, v in asdict(cfg).items() if k != "api_key"}
     config |= {
         "model": model,
@@ -722,18 +762,18 @@ def main(argv: list[str] | None = None) -> int:
         "launch": str(cfg.launch) if cfg.launch else None,
     }
     report: dict[str, Any] = {"config": config, "results": reports}
+    if engines:
+        report["engines"] = engines  # per server, per round, per rate
     if len(engines) > 1:
-        report["engines"] = engines
         report["comparison"] = comparison(engines)
         print(format_comparison(report["comparison"]), flush=True)
     write_json_atomic(cfg.output, report)
     save_plot(reports, cfg.plot)
     print(f"saved {cfg.output} and {cfg.plot}", flush=True)
-    failed = sum(r["failed"] for rs in (engines or {"": reports}).values() for r in rs)
+    every = [r for rounds in engines.values() for rs in rounds for r in rs] or reports
+    failed = sum(r["failed"] for r in every)
     if failed:
-        first = next(
-            e for rs in (engines or {"": reports}).values() for r in rs for e in r["errors"]
-        )
+        first = next(e for r in every for e in r["errors"])
         print(
             f"{failed} requests failed (all errors in {cfg.output}); one: {first}", file=sys.stderr
         )
