@@ -173,10 +173,12 @@ def test_bench_serve_comparison_per_rate():
     def rep(rate, ttft, tpot):
         return {"rate": rate, "ttft_ms": {"median": ttft}, "tpot_ms": {"median": tpot}}
 
-    rows = bench_serve.comparison({"parallm": [rep(4.0, 10.0, 5.0)], "vllm": [rep(4.0, 20.0, 5.0)]})
+    one_round = {"parallm": [[rep(4.0, 10.0, 5.0)]], "vllm": [[rep(4.0, 20.0, 5.0)]]}
+    rows = bench_serve.comparison(one_round)
     assert rows == [{"rate": 4.0, "parallm_ttft_ms": 10.0, "parallm_tpot_ms": 5.0,
                      "vllm_ttft_ms": 20.0, "vllm_tpot_ms": 5.0, "ttft_parallm_over_vllm": 0.5,
-                     "tpot_parallm_over_vllm": 1.0}]  # fmt: skip
+                     "tpot_parallm_over_vllm": 1.0, "ttft_parallm_over_vllm_rounds": [0.5],
+                     "tpot_parallm_over_vllm_rounds": [1.0]}]  # fmt: skip
     assert "TTFT" in bench_serve.format_comparison(rows)
 
 
