@@ -159,9 +159,13 @@ class OutputAssembler:
             if i == len(outputs):
                 outputs.append(CompletionOutput(i, "", [], None, None if lps is None else []))
             prev = outputs[i]
-            token_ids = prev.token_ids + tokens
-            logprobs = None if lps is None else (prev.logprobs or []) + lps
-            outputs[i] = CompletionOutput(i, prev.text[:keep] + text, token_ids, reason, logprobs)
+            # The lists grow in place, as the engine's own outputs' do: no copy per step.
+            prev.token_ids.extend(tokens)
+            if lps is not None:
+                prev.logprobs.extend(lps)
+            outputs[i] = CompletionOutput(
+                i, prev.text[:keep] + text, prev.token_ids, reason, prev.logprobs
+            )
         out = RequestOutput(
             request_id,
             last.prompt,

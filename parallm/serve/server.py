@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from typing import Any
 
 import uvicorn
 
 from parallm.errors import UserError
 from parallm.extras import import_extra
+from parallm.inference.config import EngineConfig
 from parallm.inference.lora import check_servable, servable_modules
 from parallm.models.hf import read_family
 from parallm.models.peft_format import read_adapter
@@ -27,15 +29,17 @@ from parallm.serve.video_jobs import VideoLimits, VideoService
 def serve(config: ServerConfig) -> int:
     """Load the model (errors exit 2 before the port is bound), then run uvicorn until SIGTERM
     or SIGINT, and drain; 0 once drained, 1 when the engine failed while serving."""
-    config.engine_config()  # its errors before anything starts
+    engine_config = config.engine_config()  # its errors before anything starts
     if config.ui:
         import_extra("parallm.serve.ui", command="serve --ui", extra="ui")
     _check_port_free(config.host, config.port)  # before minutes of loading, not after
-    adapters = _check_adapters(config)
+    # A directory that is no model fails before any process starts.
+    _, model_args = read_family(config.model)
+    adapters = _check_adapters(config, model_args)
     keystore = None if config.no_auth else KeyStore(config.db)
     videos = _load_videos(config)  # its own process: loads while the text model does
     try:
-        engine = _load_engine(config, adapters)
+        engine = _load_engine(config, engine_config, adapters)
     except BaseException:
         if videos is not None:
             videos.stop()
@@ -89,13 +93,13 @@ def serve(config: ServerConfig) -> int:
     return 1 if state.engine.error else 0
 
 
-def _load_engine(config: ServerConfig, adapters: dict[str, str]) -> EngineFrontend:
+def _load_engine(
+    config: ServerConfig, engine_config: EngineConfig, adapters: dict[str, str]
+) -> EngineFrontend:
     """The text engine, loaded with its adapters: in a process of its own (the default), or
     in this one (`--engine-in-process`). With tensor_parallel_size N it starts N - 1 workers."""
-    engine_config = config.engine_config()
     threads = engine_threads(config.threads)
     if not config.engine_in_process:
-        read_family(config.model)  # a directory that is no model fails before a process starts
         process = EngineProcess(
             config.model,
             engine_config,
@@ -131,12 +135,11 @@ def _load_videos(config: ServerConfig) -> VideoService | None:
     return videos
 
 
-def _check_adapters(config: ServerConfig) -> dict[str, str]:
-    """The `--lora` adapters, each read and checked against the model's config (no weights
-    loaded yet): a bad one fails in seconds, not after the model has loaded."""
+def _check_adapters(config: ServerConfig, args: Any) -> dict[str, str]:
+    """The `--lora` adapters, each read and checked against the model's config `args` (no
+    weights loaded yet): a bad one fails in seconds, not after the model has loaded."""
     adapters = config.lora_adapters()
     if adapters:
-        _, args = read_family(config.model)
         modules = set(servable_modules(args))
         for name, path in adapters.items():
             field = f"--lora {name}"
