@@ -213,16 +213,17 @@ class LLMEngine(RequestChecks):
         self.runner = runner
         self.tokenizer = tokenizer
         self.model = self.runner.model
-        self.scheduler_config = SchedulerConfig(
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=self.max_model_len,
-            block_size=config.block_size,
-            num_blocks=self.runner.pool.num_blocks,
-            enable_prefix_caching=config.enable_prefix_caching,
-            enable_chunked_prefill=config.enable_chunked_prefill,
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+                block_size=config.block_size,
+                num_blocks=self.runner.pool.num_blocks,
+                enable_prefix_caching=config.enable_prefix_caching,
+                enable_chunked_prefill=config.enable_chunked_prefill,
+            )
         )
-        self.scheduler = Scheduler(self.scheduler_config)
         self.sampler = Sampler(config.logprobs_mode)
         self.adapters = AdapterRegistry(config.max_loras)
         self.requests: dict[str, _Request] = {}
@@ -300,6 +301,10 @@ class LLMEngine(RequestChecks):
             self.scheduler.add(seq)
 
     # -- adapters ------------------------------------------------------------------------------
+
+    @property
+    def scheduler_config(self) -> SchedulerConfig:
+        return self.scheduler.config
 
     @property
     def lora_enabled(self) -> bool:

@@ -115,13 +115,8 @@ class Scheduler:
         self.waiting.append(seq)
 
     def _admission_error(self, seq: Sequence) -> str | None:
-        found = self.admission_error(seq.num_prompt_tokens, seq.max_tokens)
+        found = admission_error(self.config, seq.num_prompt_tokens, seq.max_tokens)
         return None if found is None else found[1]
-
-    def admission_error(self, p: int, k: int) -> tuple[str, str] | None:
-        """Why a request of `p` prompt tokens and `max_tokens` `k` could never run (see the
-        module function); None if it can."""
-        return admission_error(self.config, p, k)
 
     def abort(self, seq_id: int) -> Sequence | None:
         """Finish a waiting or running sequence with "abort" and free its blocks.
